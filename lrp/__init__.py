@@ -1,0 +1,20 @@
+"""Layer-wise Relevance Propagation for image classifiers, in pure PyTorch.
+
+>>> import lrp
+>>> explainer = lrp.Explainer(model, composite="epsilon-plus-flat")
+>>> explanation = explainer(x)            # x: (N, C, H, W); target None = predicted class
+>>> explanation.relevance                 # shaped like x
+>>> lrp.conservation(explanation)         # per-sample relative conservation error
+"""
+
+from . import composites, rules
+from .canonizers import register_container
+from .composites import Composite
+from .errors import InvalidInputError, LRPError, UnresolvedStructureError, UnsupportedLayerError
+from .explainer import Explainer, Explanation, conservation
+
+__all__ = [
+    "Composite", "Explainer", "Explanation", "InvalidInputError", "LRPError",
+    "UnresolvedStructureError", "UnsupportedLayerError", "composites", "conservation",
+    "register_container", "rules",
+]

@@ -1,0 +1,166 @@
+"""Composites: which rule each layer gets.
+
+Names follow Kohlbrenner et al. 2020 and Zennit. "conv" means Conv1d/2d/3d, "dense" means Linear;
+the first layer is the first Linear/Conv module in the model's registration order.
+``otsuki2024`` is the published configuration of Otsuki et al. 2024 (see METHOD.md section 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import InvalidInputError
+from .rules.base import Pass, Rule
+from .rules.linear import (
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    LRP0,
+    ZBox,
+    ZPlus,
+    ZPlusOnes,
+)
+from .rules.pooling import Proportional
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DENSE_TYPES = (nn.Linear,)
+BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+@dataclass
+class Composite:
+    """A layer-to-rule map.
+
+    ``rules`` maps a module path (exact string) or a module type to a rule; paths win over types,
+    ``first`` (if set) applies to the first Linear/Conv layer unless its path is mapped explicitly.
+    ``fold_batchnorm`` folds BatchNorm into the preceding layer; ``output`` is the composite's
+    preferred initial relevance (``None``: the explainer's default).
+    """
+
+    name: str
+    rules: Mapping[str | type, Rule] = field(default_factory=dict)
+    first: Rule | None = None
+    fold_batchnorm: bool = True
+    output: str | None = None
+
+    def rule_for(self, path: str, module: nn.Module, is_first: bool) -> Rule | None:
+        if path in self.rules:
+            return self.rules[path]
+        if is_first and self.first is not None:
+            return self.first
+        for key, rule in self.rules.items():
+            if not isinstance(key, str) and isinstance(module, key):
+                return rule
+        return None
+
+
+def _linear_map(conv: Rule, dense: Rule) -> dict[str | type, Rule]:
+    return {CONV_TYPES: conv, DENSE_TYPES: dense}  # type: ignore[dict-item]
+
+
+def _bounds(options: dict[str, Any]) -> tuple[Any, Any]:
+    bounds = options.get("input_bounds")
+    if bounds is None:
+        raise InvalidInputError(
+            "composite 'epsilon-gamma-box' needs input_bounds=(low, high): the lowest and highest "
+            "input values after normalisation (scalars or per-channel tensors)"
+        )
+    low, high = bounds
+    return low, high
+
+
+def _epsilon_plus(o: dict[str, Any]) -> Composite:
+    return Composite("epsilon-plus", _linear_map(ZPlus(o["stabilizer"]), Epsilon(o["epsilon"])))
+
+
+def _epsilon_plus_flat(o: dict[str, Any]) -> Composite:
+    c = _epsilon_plus(o)
+    return Composite("epsilon-plus-flat", c.rules, first=Flat(o["stabilizer"]))
+
+
+def _epsilon_gamma_box(o: dict[str, Any]) -> Composite:
+    low, high = _bounds(o)
+    return Composite(
+        "epsilon-gamma-box",
+        _linear_map(Gamma(o["gamma"], o["stabilizer"]), Epsilon(o["epsilon"])),
+        first=ZBox(low, high, o["stabilizer"]),
+    )
+
+
+def _epsilon_alpha2_beta1(o: dict[str, Any]) -> Composite:
+    rules = _linear_map(AlphaBeta(2.0, 1.0, o["stabilizer"]), Epsilon(o["epsilon"]))
+    return Composite("epsilon-alpha2-beta1", rules)
+
+
+def _epsilon_alpha2_beta1_flat(o: dict[str, Any]) -> Composite:
+    c = _epsilon_alpha2_beta1(o)
+    return Composite("epsilon-alpha2-beta1-flat", c.rules, first=Flat(o["stabilizer"]))
+
+
+def _otsuki2024(o: dict[str, Any]) -> Composite:
+    eps = o.get("otsuki_epsilon", 1e-5)
+    zplus = ZPlus(stabilizer=eps, zero_bias=True)
+    rules: dict[str | type, Rule] = {
+        CONV_TYPES: zplus,  # type: ignore[dict-item]
+        DENSE_TYPES: zplus,  # type: ignore[dict-item]
+        BATCHNORM_TYPES: Pass(),  # type: ignore[dict-item]
+        MAXPOOL_TYPES: Proportional(
+            stabilizer=eps, through=nn.AvgPool2d(2, 2, ceil_mode=True)
+        ),  # type: ignore[dict-item]
+    }
+    return Composite("otsuki2024", rules, first=ZPlusOnes(eps), fold_batchnorm=False,
+                     output="probability")
+
+
+_FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
+    "lrp-0": lambda o: Composite("lrp-0", _linear_map(LRP0(), LRP0())),
+    "epsilon": lambda o: Composite(
+        "epsilon", _linear_map(Epsilon(o["epsilon"]), Epsilon(o["epsilon"]))
+    ),
+    "epsilon-plus": _epsilon_plus,
+    "epsilon-plus-flat": _epsilon_plus_flat,
+    "epsilon-gamma-box": _epsilon_gamma_box,
+    "epsilon-alpha2-beta1": _epsilon_alpha2_beta1,
+    "epsilon-alpha2-beta1-flat": _epsilon_alpha2_beta1_flat,
+    "otsuki2024": _otsuki2024,
+}
+
+DEFAULT_OPTIONS: dict[str, Any] = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25}
+OPTION_NAMES = frozenset({*DEFAULT_OPTIONS, "input_bounds", "otsuki_epsilon"})
+
+
+def names() -> list[str]:
+    """The available composite names."""
+    return list(_FACTORIES)
+
+
+def get(name: str, **options: Any) -> Composite:
+    """Build a named composite; ``options``: epsilon, stabilizer, gamma, input_bounds."""
+    if name not in _FACTORIES:
+        raise InvalidInputError(f"composite={name!r} is not one of {names()}")
+    unknown = set(options) - OPTION_NAMES
+    if unknown:
+        raise InvalidInputError(
+            f"unknown composite option(s) {sorted(unknown)}; valid: {sorted(OPTION_NAMES)}"
+        )
+    merged = {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+    return _FACTORIES[name](merged)
+
+
+def resolve(composite: str | Composite | Mapping[str | type, Rule], **options: Any) -> Composite:
+    """Accept a name, a Composite, or a plain {path | type: rule} map."""
+    if isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, str):
+        return get(composite, **options)
+    if isinstance(composite, Mapping):
+        return Composite("custom", dict(composite))
+    raise InvalidInputError(
+        f"composite must be a name, a lrp.Composite or a dict, got {type(composite).__name__}"
+    )

@@ -1,0 +1,387 @@
+"""The Explainer: a prepared copy of the model whose gradient is the LRP relevance."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import composites as composites_mod
+from .canonizers import (
+    BATCHNORM_TYPES,
+    LINEAR_TYPES,
+    ResidualBlock,
+    disable_inplace,
+    fold_batchnorms,
+    is_ordered_container,
+    replace_residual_blocks,
+    verify_container,
+)
+from .errors import InvalidInputError, UnsupportedLayerError
+from .layers import LinearRuleLayer, ModuleRuleLayer
+from .rules.base import ModuleRule, Pass, Rule
+from .rules.linear import LinearRule
+from .rules.pooling import Proportional
+from .rules.residual import ResidualMerge, resolve_mode
+
+# Modules whose ordinary gradient already is the LRP rule (relevance-as-gradient convention):
+# ReLU passes relevance where it was active, max-pools are winner-take-all, the rest are reshapes.
+GRADIENT_TYPES = (
+    nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+)
+# Element-wise activations: relevance passes unchanged (their gradient is not the identity).
+PASS_TYPES = (
+    nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ReLU6, nn.Softplus,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.PReLU, nn.SELU, nn.CELU, nn.RReLU,
+)
+POOL_TYPES = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+# Activations whose output is never negative, used to prove a layer's input is >= 0.
+NONNEG_TYPES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.Softmax)
+SIGN_PRESERVING_TYPES = (*POOL_TYPES, *GRADIENT_TYPES[1:], nn.LocalResponseNorm)
+
+OUTPUTS = ("logit", "probability")
+
+
+@dataclass
+class Explanation:
+    """Result of one explainer call; every tensor is detached and on the model's device."""
+
+    relevance: Tensor
+    logits: Tensor
+    target: Tensor
+    initial: Tensor
+    layer_relevance: dict[str, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def conservation_error(self) -> Tensor:
+        return conservation(self)
+
+
+def conservation(explanation: Explanation) -> Tensor:
+    """Per sample, ``|sum(relevance) - initial| / |initial|`` (0 where the initial relevance is 0)."""
+    total = explanation.relevance.flatten(1).sum(1)
+    initial = explanation.initial
+    gap = (total - initial).abs()
+    return torch.where(initial == 0, gap, gap / initial.abs())
+
+
+class Explainer:
+    """Explain a classifier with LRP.
+
+    The user's model is never modified: a private copy is made once (eval mode, frozen parameters,
+    BatchNorm folded, residual merges made explicit, rule layers swapped in) and reused; it is
+    rebuilt only if the model's parameters or buffers change.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: str | composites_mod.Composite | Mapping[str | type, Rule] = "epsilon-plus-flat",
+        *,
+        output: str | None = None,
+        residual: str = "splitting",
+        lrn: str | Rule = "taylor",
+        lrn_epsilon: float | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.composite = composites_mod.resolve(composite, **options)
+        self.output = output or self.composite.output or "logit"
+        if self.output not in OUTPUTS:
+            raise InvalidInputError(f"output={self.output!r} is not one of {list(OUTPUTS)}")
+        self.residual = resolve_mode(residual)
+        self.lrn_rule = _lrn_rule(lrn, lrn_epsilon)
+        self.model = model
+        self._fingerprint: tuple | None = None
+        self._prepared: nn.Module | None = None
+        self.rules: dict[str, Rule] = {}
+        self.first_layer: str | None = None
+
+    # ------------------------------------------------------------------ preparation
+    def _model_fingerprint(self) -> tuple:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+    def prepared_model(self) -> nn.Module:
+        """The prepared copy (rebuilt if the user's model changed since the last call)."""
+        fingerprint = self._model_fingerprint()
+        if self._prepared is None or fingerprint != self._fingerprint:
+            self._prepared = self._prepare()
+            self._fingerprint = fingerprint
+        return self._prepared
+
+    def _prepare(self) -> nn.Module:
+        if self.model.training:
+            warnings.warn(
+                f"{type(self.model).__name__} is in training mode; LRP explains its eval-mode "
+                "behaviour (dropout off, BatchNorm running statistics) on a private copy",
+                stacklevel=3,
+            )
+        model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        disable_inplace(model)
+        replace_residual_blocks(model, self.residual)
+        if self.composite.fold_batchnorm:
+            fold_batchnorms(model)
+        self.rules = {}
+        self.first_layer = next(
+            (name for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)), None
+        )
+        if self.first_layer is None:
+            raise UnsupportedLayerError(
+                f"{type(self.model).__name__} has no Linear or Conv layer to explain"
+            )
+        if not any(True for _ in model.children()):
+            model = self._wrap_leaf("", model)
+        else:
+            self._wrap_children(model, "")
+        _mark_nonnegative_inputs(model, input_nonnegative=False)
+        return model
+
+    def _wrap_children(self, parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            path = f"{prefix}{name}"
+            if any(True for _ in child.children()) and not isinstance(child, ResidualMerge):
+                if not (isinstance(child, ResidualBlock) or is_ordered_container(child)):
+                    verify_container(path, child)
+                self._wrap_children(child, path + ".")
+            else:
+                wrapped = self._wrap_leaf(path, child)
+                if wrapped is not child:
+                    setattr(parent, name, wrapped)
+
+    def _wrap_leaf(self, path: str, module: nn.Module) -> nn.Module:
+        rule = self.composite.rule_for(path, module, is_first=path == self.first_layer)
+        if rule is None:
+            rule = self._default_rule(path, module)
+        if rule is None:
+            return module
+        self.rules[path] = rule
+        if isinstance(rule, LinearRule):
+            if not isinstance(module, LINEAR_TYPES):
+                raise UnsupportedLayerError(
+                    f"{rule!r} needs a Linear/Conv layer, but '{path}' is {type(module).__name__}"
+                )
+            return LinearRuleLayer(module, rule, path)
+        if isinstance(rule, ModuleRule):
+            return ModuleRuleLayer(module, rule, path)
+        raise InvalidInputError(f"rule for '{path}' must be a lrp.rules rule, got {rule!r}")
+
+    def _default_rule(self, path: str, module: nn.Module) -> Rule | None:
+        if isinstance(module, (ResidualMerge, *GRADIENT_TYPES)):
+            return None
+        if isinstance(module, PASS_TYPES):
+            return Pass()
+        if isinstance(module, POOL_TYPES):
+            return Proportional(composites_mod.DEFAULT_OPTIONS["stabilizer"])
+        if isinstance(module, nn.LocalResponseNorm):
+            return self.lrn_rule
+        where = f"{type(module).__name__} at '{path or '<root>'}'"
+        if isinstance(module, LINEAR_TYPES):
+            raise UnsupportedLayerError(f"composite '{self.composite.name}' assigns no rule to {where}")
+        if isinstance(module, BATCHNORM_TYPES):
+            raise UnsupportedLayerError(
+                f"{where} does not follow a Linear/Conv layer it could be folded into; map it to a "
+                "rule explicitly, e.g. composite={..., '" + path + "': lrp.rules.Pass()}"
+            )
+        if isinstance(module, nn.Softmax | nn.LogSoftmax):
+            raise UnsupportedLayerError(
+                f"{where}: explain the logits; remove the final softmax (use output='probability')"
+            )
+        raise UnsupportedLayerError(
+            f"no LRP rule for {where}; supported: Linear/Conv, BatchNorm after them, pooling, "
+            "element-wise activations, LocalResponseNorm, Flatten/Dropout, torchvision residual "
+            "blocks. Map it to a rule explicitly via composite={path: rule}."
+        )
+
+    # ------------------------------------------------------------------ explaining
+    @property
+    def device(self) -> torch.device:
+        t = next(self.model.parameters(), None)
+        return t.device if t is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        t = next(self.model.parameters(), None)
+        return t.dtype if t is not None else torch.get_default_dtype()
+
+    def __call__(
+        self,
+        x: Tensor,
+        target: int | Tensor | None = None,
+        *,
+        output_relevance: Tensor | None = None,
+        record_layers: bool = False,
+    ) -> Explanation:
+        """Explain ``x`` for ``target`` (None: the predicted class).
+
+        ``output_relevance`` (N, K) replaces the one-hot initial relevance. ``record_layers`` fills
+        ``layer_relevance`` with the per-sample relevance sum at every module's output.
+        """
+        if torch.is_inference_mode_enabled():
+            raise InvalidInputError(
+                "LRP needs autograd: call the explainer outside torch.inference_mode()"
+            )
+        model = self.prepared_model()
+        x = self._check_input(x)
+        records: dict[str, Tensor] = {}
+        handles = _record_hooks(model, records) if record_layers else []
+        try:
+            with torch.enable_grad():
+                x = x.requires_grad_(True)
+                logits = model(x)
+                _check_logits(logits, x.shape[0])
+                target_t = _resolve_target(target, logits)
+                initial_map = self._initial_relevance(logits.detach(), target_t, output_relevance)
+                (relevance,) = torch.autograd.grad(logits, x, initial_map)
+        finally:
+            for h in handles:
+                h.remove()
+        bad = ~torch.isfinite(relevance).flatten(1).all(1)
+        if bad.any():
+            warnings.warn(
+                f"relevance is NaN/Inf for samples {bad.nonzero().flatten().tolist()}", stacklevel=2
+            )
+        return Explanation(
+            relevance=relevance.detach(),
+            logits=logits.detach(),
+            target=target_t,
+            initial=initial_map.sum(1),
+            layer_relevance=records or None,
+        )
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise InvalidInputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InvalidInputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        first = self.model.get_submodule(self.first_layer) if self.first_layer else None
+        expected = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}.get(type(first))
+        if expected is not None and x.ndim != expected:
+            raise InvalidInputError(
+                f"x must have {expected} dimensions (N, C, ...) for a model starting with "
+                f"{type(first).__name__}, got shape {tuple(x.shape)}"
+            )
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise InvalidInputError(f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+        x = x.detach().to(device=self.device, dtype=self.dtype, non_blocking=True).clone()
+        if not torch.isfinite(x).all():
+            raise InvalidInputError("x contains NaN or Inf values")
+        return x
+
+    def _initial_relevance(
+        self, logits: Tensor, target: Tensor, output_relevance: Tensor | None
+    ) -> Tensor:
+        if output_relevance is not None:
+            if output_relevance.shape != logits.shape:
+                raise InvalidInputError(
+                    f"output_relevance must have the logits' shape {tuple(logits.shape)}, "
+                    f"got {tuple(output_relevance.shape)}"
+                )
+            return output_relevance.to(logits)
+        if self.output == "probability":
+            values = torch.softmax(logits.float(), dim=1).to(logits.dtype)
+        else:
+            values = logits
+        initial = torch.zeros_like(logits)
+        index = target.view(-1, 1)
+        return initial.scatter_(1, index, values.gather(1, index))
+
+
+def _lrn_rule(lrn: str | Rule, epsilon: float | None) -> Rule:
+    if isinstance(lrn, Rule):
+        return lrn
+    from .rules import lrn as lrn_rules
+
+    if lrn == "taylor":
+        return lrn_rules.LRNTaylor() if epsilon is None else lrn_rules.LRNTaylor(epsilon=epsilon)
+    if lrn == "identity":
+        return lrn_rules.LRNIdentity()
+    raise InvalidInputError(f"lrn={lrn!r} is not one of ['taylor', 'identity'] or a lrp.rules rule")
+
+
+def _check_logits(logits: Tensor, n: int) -> None:
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != n:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise InvalidInputError(f"model output must be logits of shape (N, num_classes), got {shape}")
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits).all(1)).nonzero().flatten().tolist()
+        raise InvalidInputError(f"model output (logits) contains NaN/Inf for samples {bad}")
+
+
+def _resolve_target(target: int | Tensor | None, logits: Tensor) -> Tensor:
+    n, k = logits.shape
+    if target is None:
+        return logits.argmax(1)
+    if isinstance(target, bool) or not isinstance(target, int | Tensor):
+        raise InvalidInputError(f"target must be None, an int or a LongTensor, got {type(target).__name__}")
+    t = torch.as_tensor(target, device=logits.device)
+    if t.is_floating_point() or t.is_complex():
+        raise InvalidInputError(f"target must hold integer class indices, got dtype {t.dtype}")
+    t = t.long()
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise InvalidInputError(f"target must be a scalar or have shape ({n},), got {tuple(t.shape)}")
+    if ((t < 0) | (t >= k)).any():
+        raise InvalidInputError(f"target {t.tolist()} out of range for {k} classes")
+    return t.contiguous()
+
+
+def _record_hooks(model: nn.Module, records: dict[str, Tensor]) -> list[Any]:
+    def make(path: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.requires_grad:
+                out.register_hook(
+                    lambda g: records.__setitem__(path, g.detach().flatten(1).sum(1))
+                )
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if name and not isinstance(module, ResidualMerge):
+            handles.append(module.register_forward_hook(make(_user_path(name))))
+    return handles
+
+
+def _user_path(name: str) -> str:
+    """Wrapped layers add a '.module' level; report the user's module path."""
+    return name.removesuffix(".module")
+
+
+def _mark_nonnegative_inputs(module: nn.Module, input_nonnegative: bool) -> bool:
+    """Propagate 'provably >= 0' through structures whose data flow is known; return the output's."""
+    if isinstance(module, LinearRuleLayer):
+        module.input_nonnegative = input_nonnegative
+        return False
+    if isinstance(module, ModuleRuleLayer):
+        module = module.module
+    if isinstance(module, NONNEG_TYPES):
+        return True
+    if isinstance(module, SIGN_PRESERVING_TYPES):
+        return input_nonnegative
+    if isinstance(module, ResidualBlock):
+        for i in range(1, module.depth + 1):
+            _mark_nonnegative_inputs(getattr(module, f"conv{i}"), input_nonnegative if i == 1 else True)
+        if module.downsample is not None:
+            _mark_nonnegative_inputs(module.downsample, input_nonnegative)
+        return True
+    if is_ordered_container(module):
+        state = input_nonnegative
+        for child in module.children():
+            state = _mark_nonnegative_inputs(child, state)
+        return state
+    for child in module.modules():
+        if isinstance(child, LinearRuleLayer):
+            child.input_nonnegative = False
+    return False

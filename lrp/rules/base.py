@@ -1,0 +1,53 @@
+"""Rule base classes.
+
+Relevance flows backwards as the *gradient* of the prepared model: a wrapped layer's backward
+receives the relevance at its output and returns the relevance at its input. So the relevance at
+the input image is simply ``x.grad`` and layers that need no rule (ReLU, max-pool, flatten) use
+their ordinary gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """``z + epsilon * sign(z)`` with sign(0) = +1; with ``epsilon == 0`` exact zeros become inf.
+
+    An infinite denominator drops the relevance of an output whose contributions sum to exactly
+    zero instead of producing inf/NaN.
+    """
+    if epsilon == 0:
+        return z.masked_fill(z == 0, float("inf"))
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
+
+
+class Rule:
+    """Base class of all rules. A rule holds hyper-parameters only; prepared tensors live in the layer."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class ModuleRule(Rule):
+    """Rule for a module without weights: output = module(x); relevance computed from (x, output).
+
+    Subclasses implement :meth:`relevance`. It must be vectorised over the batch.
+    """
+
+    def relevance(self, module: nn.Module, x: Tensor, output: Tensor, relevance: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class Pass(ModuleRule):
+    """Identity rule: relevance passes unchanged (element-wise activations, the LRN baseline)."""
+
+    def relevance(self, module: nn.Module, x: Tensor, output: Tensor, relevance: Tensor) -> Tensor:
+        if relevance.shape != x.shape:
+            raise ValueError(
+                f"Pass rule on {type(module).__name__}: input shape {tuple(x.shape)} differs from "
+                f"output shape {tuple(relevance.shape)}"
+            )
+        return relevance

@@ -1,0 +1,282 @@
+"""Rules for Linear and ConvNd layers (Montavon et al. 2019, Kohlbrenner et al. 2020).
+
+Every rule here is a modified gradient: the forward stores the denominators the rule needs (computed
+with parameters prepared once per layer), the backward applies the transposed operator once per
+contribution term. ``layer`` is a :class:`lrp.layers.LinearRuleLayer` (its ``op``, ``prepared``,
+``input_nonnegative`` and ``cache``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .base import Rule, stabilize
+
+if TYPE_CHECKING:
+    from ..layers import LinearRuleLayer
+
+
+def _pos(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+class LinearRule(Rule):
+    """Base class: ``prepare`` once, ``forward`` saves denominators, ``backward`` returns R_in."""
+
+    def prepare(self, weight: Tensor, bias: Tensor | None) -> dict[str, Tensor]:
+        return {}
+
+    def forward(self, layer: LinearRuleLayer, x: Tensor, z: Tensor) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def backward(
+        self, layer: LinearRuleLayer, x: Tensor, saved: list[Tensor], relevance: Tensor
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class Epsilon(LinearRule):
+    """c_jk = x_j w_jk, denominator z_k + eps * sign(z_k) (bias included unless ``zero_bias``)."""
+
+    def __init__(self, epsilon: float = 1e-6, zero_bias: bool = False) -> None:
+        if epsilon < 0:
+            raise ValueError(f"Epsilon: epsilon must be >= 0, got {epsilon}")
+        self.epsilon = float(epsilon)
+        self.zero_bias = zero_bias
+
+    def forward(self, layer: LinearRuleLayer, x: Tensor, z: Tensor) -> tuple[Tensor, ...]:
+        if self.zero_bias and layer.bias is not None:
+            z = layer.op(x, layer.weight)
+        return (stabilize(z, self.epsilon),)
+
+    def backward(self, layer, x, saved, relevance):
+        (den,) = saved
+        return x * layer.op.transpose(relevance / den, layer.weight, x)
+
+
+class LRP0(Epsilon):
+    """The basic rule (Bach et al. 2015): gradient x input on ReLU networks."""
+
+    def __init__(self) -> None:
+        super().__init__(epsilon=0.0)
+
+    def __repr__(self) -> str:
+        return "LRP0()"
+
+
+class Gamma(LinearRule):
+    """Favours positive contributions by ``gamma``; sign-aware as in Zennit 0.5.
+
+    For z_k > 0 the contributions are x+ (w + g w+) [bias b + g b+] and x- (w + g w-); for z_k < 0
+    they are x+ (w + g w-) [bias b + g b-] and x- (w + g w+); outputs exactly 0 get no relevance.
+    On non-negative inputs (after a ReLU) this is c_jk = x_j (w_jk + gamma w_jk^+) for z_k > 0.
+    """
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
+        if gamma < 0:
+            raise ValueError(f"Gamma: gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.stabilizer = float(stabilizer)
+
+    def prepare(self, weight, bias):
+        g = self.gamma
+        out = {"wp": weight + g * weight.clamp(min=0), "wn": weight + g * weight.clamp(max=0)}
+        if bias is not None:
+            out["bp"] = bias + g * bias.clamp(min=0)
+            out["bn"] = bias + g * bias.clamp(max=0)
+        return out
+
+    def forward(self, layer, x, z):
+        p, op = layer.prepared, layer.op
+        if layer.input_nonnegative:
+            den_pos = op(x, p["wp"], p.get("bp"))
+            den_neg = op(x, p["wn"], p.get("bn"))
+            saved = (x,)
+        else:
+            xp, xn = x.clamp(min=0), x.clamp(max=0)
+            den_pos = op(xp, p["wp"], p.get("bp")) + op(xn, p["wn"])
+            den_neg = op(xp, p["wn"], p.get("bn")) + op(xn, p["wp"])
+            saved = (xp, xn)
+        s_pos = (z > 0).to(z.dtype) / stabilize(den_pos, self.stabilizer)
+        s_neg = (z < 0).to(z.dtype) / stabilize(den_neg, self.stabilizer)
+        return (*saved, s_pos, s_neg)
+
+    def backward(self, layer, x, saved, relevance):
+        p, op = layer.prepared, layer.op
+        if layer.input_nonnegative:
+            _, s_pos, s_neg = saved
+            g_pos, g_neg = relevance * s_pos, relevance * s_neg
+            return x * (op.transpose(g_pos, p["wp"], x) + op.transpose(g_neg, p["wn"], x))
+        xp, xn, s_pos, s_neg = saved
+        g_pos, g_neg = relevance * s_pos, relevance * s_neg
+        return xp * (op.transpose(g_pos, p["wp"], x) + op.transpose(g_neg, p["wn"], x)) + xn * (
+            op.transpose(g_pos, p["wn"], x) + op.transpose(g_neg, p["wp"], x)
+        )
+
+
+class AlphaBeta(LinearRule):
+    """alpha * positive share - beta * negative share of each output's relevance (alpha - beta = 1).
+
+    Positive contributions: x+ w+ (with bias b+) and x- w-; negative: x+ w- (with b-) and x- w+.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> None:
+        if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
+            raise ValueError(f"AlphaBeta: need alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.stabilizer = float(stabilizer)
+        self.use_bias = True
+
+    def prepare(self, weight, bias):
+        out = {"wp": weight.clamp(min=0), "wn": weight.clamp(max=0)}
+        if bias is not None and self.use_bias:
+            out["bp"], out["bn"] = _pos(bias), _neg(bias)
+        return out
+
+    def _den(self, layer, xp, xn, w_a, w_b, b):
+        op = layer.op
+        den = op(xp, w_a, b)
+        if xn is not None:
+            den = den + op(xn, w_b)
+        return stabilize(den, self.stabilizer)
+
+    def forward(self, layer, x, z):
+        p = layer.prepared
+        xp, xn = (x, None) if layer.input_nonnegative else (x.clamp(min=0), x.clamp(max=0))
+        saved = [xp] if xn is None else [xp, xn]
+        saved.append(self._den(layer, xp, xn, p["wp"], p["wn"], p.get("bp")))
+        if self.beta:
+            saved.append(self._den(layer, xp, xn, p["wn"], p["wp"], p.get("bn")))
+        return tuple(saved)
+
+    def backward(self, layer, x, saved, relevance):
+        p, op = layer.prepared, layer.op
+        nonneg = layer.input_nonnegative
+        xp, xn = (saved[0], None) if nonneg else (saved[0], saved[1])
+        dens = saved[1:] if nonneg else saved[2:]
+        g_pos = relevance * (self.alpha / dens[0])
+        r = xp * op.transpose(g_pos, p["wp"], x)
+        if xn is not None:
+            r = r + xn * op.transpose(g_pos, p["wn"], x)
+        if self.beta:
+            g_neg = relevance * (self.beta / dens[1])
+            r = r - xp * op.transpose(g_neg, p["wn"], x)
+            if xn is not None:
+                r = r - xn * op.transpose(g_neg, p["wp"], x)
+        return r
+
+
+class ZPlus(AlphaBeta):
+    """z+ rule = alpha1-beta0: only positive contributions (x+ w+, x- w-) are kept."""
+
+    def __init__(self, stabilizer: float = 1e-6, zero_bias: bool = False) -> None:
+        super().__init__(alpha=1.0, beta=0.0, stabilizer=stabilizer)
+        self.use_bias = not zero_bias
+
+    def __repr__(self) -> str:
+        return f"ZPlus(stabilizer={self.stabilizer}, zero_bias={not self.use_bias})"
+
+
+class ZBox(LinearRule):
+    """z^B rule for a bounded input layer: c_jk = x_j w_jk - l_j w_jk^+ - h_j w_jk^- (no bias).
+
+    ``low``/``high``: scalars, per-channel vectors (C,) or tensors broadcastable to one sample.
+    """
+
+    def __init__(self, low: float | Tensor, high: float | Tensor, stabilizer: float = 1e-6) -> None:
+        self.low = torch.as_tensor(low, dtype=torch.float64)
+        self.high = torch.as_tensor(high, dtype=torch.float64)
+        if torch.any(self.low > self.high):
+            raise ValueError("ZBox: input_bounds low must be <= high")
+        self.stabilizer = float(stabilizer)
+
+    def prepare(self, weight, bias):
+        return {"wp": weight.clamp(min=0), "wn": weight.clamp(max=0)}
+
+    def _bound(self, bound: Tensor, x: Tensor) -> Tensor:
+        b = bound.to(device=x.device, dtype=x.dtype)
+        if b.ndim == 1 and x.ndim > 2 and b.numel() == x.shape[1]:
+            b = b.view(1, -1, *([1] * (x.ndim - 2)))
+        try:
+            return b.expand_as(x)
+        except RuntimeError as err:
+            raise ValueError(
+                f"ZBox: input_bounds of shape {tuple(bound.shape)} do not broadcast to input {tuple(x.shape)}"
+            ) from err
+
+    def forward(self, layer, x, z):
+        p, op = layer.prepared, layer.op
+        low, high = self._bound(self.low, x), self._bound(self.high, x)
+        den = op(x, layer.weight) - op(low, p["wp"]) - op(high, p["wn"])
+        return (stabilize(den, self.stabilizer),)
+
+    def backward(self, layer, x, saved, relevance):
+        p, op = layer.prepared, layer.op
+        s = relevance / saved[0]
+        low, high = self._bound(self.low, x), self._bound(self.high, x)
+        return (
+            x * op.transpose(s, layer.weight, x)
+            - low * op.transpose(s, p["wp"], x)
+            - high * op.transpose(s, p["wn"], x)
+        )
+
+
+class _InputFree(LinearRule):
+    """Rules that replace the input by ones: c_jk = w'_jk for a transformed weight w'.
+
+    The denominator does not depend on the input values, so it is computed for one sample, cached
+    per input shape, and broadcast over the batch.
+    """
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        self.stabilizer = float(stabilizer)
+
+    def transform(self, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def prepare(self, weight, bias):
+        return {"w": self.transform(weight)}
+
+    def forward(self, layer, x, z):
+        key = (tuple(x.shape[1:]), x.device, x.dtype)
+        den = layer.cache.get(key)
+        if den is None:
+            ones = torch.ones((1, *x.shape[1:]), device=x.device, dtype=x.dtype)
+            den = stabilize(layer.op(ones, layer.prepared["w"]), self.stabilizer)
+            layer.cache[key] = den
+        return (den,)
+
+    def backward(self, layer, x, saved, relevance):
+        return layer.op.transpose(relevance / saved[0], layer.prepared["w"], x)
+
+
+class Flat(_InputFree):
+    """Flat rule (Lapuschkin et al. 2019): relevance spread uniformly over the receptive field."""
+
+    def transform(self, weight):
+        return torch.ones_like(weight)
+
+
+class WSquare(_InputFree):
+    """w^2 rule (Montavon et al. 2017): shares proportional to squared weights, bias ignored."""
+
+    def transform(self, weight):
+        return weight * weight
+
+
+class ZPlusOnes(_InputFree):
+    """z+ with the input replaced by ones (Otsuki et al. 2024 stem): shares proportional to w+."""
+
+    def __init__(self, stabilizer: float = 1e-5) -> None:
+        super().__init__(stabilizer)
+
+    def transform(self, weight):
+        return weight.clamp(min=0)

@@ -14,7 +14,15 @@ from .errors import InvalidInputError, LRPError, UnresolvedStructureError, Unsup
 from .explainer import Explainer, Explanation, conservation
 
 __all__ = [
-    "Composite", "Explainer", "Explanation", "InvalidInputError", "LRPError",
-    "UnresolvedStructureError", "UnsupportedLayerError", "composites", "conservation",
-    "register_container", "rules",
+    "Composite",
+    "Explainer",
+    "Explanation",
+    "InvalidInputError",
+    "LRPError",
+    "UnresolvedStructureError",
+    "UnsupportedLayerError",
+    "composites",
+    "conservation",
+    "register_container",
+    "rules",
 ]

@@ -11,12 +11,13 @@ Only structures whose forward the engine can follow are accepted; anything else 
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import AlexNet, ResNet, VGG
+from torchvision.models import VGG, AlexNet, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .errors import UnresolvedStructureError
@@ -104,8 +105,10 @@ def disable_inplace(root: nn.Module) -> None:
 @torch.no_grad()
 def fold_batchnorm_into(linear: nn.Module, bn: nn.Module) -> None:
     """Fold eval-mode BatchNorm ``bn`` (which follows ``linear``) into ``linear``'s parameters."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else (
-        1.0 / torch.sqrt(bn.running_var + bn.eps)
+    scale = (
+        bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        if bn.affine
+        else (1.0 / torch.sqrt(bn.running_var + bn.eps))
     )
     shift = bn.bias if bn.affine else torch.zeros_like(scale)
     shape = (-1,) + (1,) * (linear.weight.ndim - 1)
@@ -135,7 +138,7 @@ def fold_batchnorms(root: nn.Module) -> int:
         pairs: list[tuple[str, str]] = []
         if is_plain_sequential(module):
             names = [n for n, _ in module.named_children()]
-            pairs = list(zip(names, names[1:], strict=False))
+            pairs = list(itertools.pairwise(names))
         elif isinstance(module, ResidualBlock):
             pairs = module.linear_bn_pairs()
         elif isinstance(module, ResNet):

@@ -16,11 +16,11 @@ from torch import nn
 from .errors import InvalidInputError
 from .rules.base import Pass, Rule
 from .rules.linear import (
+    LRP0,
     AlphaBeta,
     Epsilon,
     Flat,
     Gamma,
-    LRP0,
     ZBox,
     ZPlus,
     ZPlusOnes,
@@ -75,8 +75,13 @@ def _bounds(options: dict[str, Any]) -> tuple[Any, Any]:
     return low, high
 
 
+def _eps(o: dict[str, Any]) -> Epsilon:
+    return Epsilon(o["epsilon"], zero_bias=o["zero_bias"])
+
+
 def _epsilon_plus(o: dict[str, Any]) -> Composite:
-    return Composite("epsilon-plus", _linear_map(ZPlus(o["stabilizer"]), Epsilon(o["epsilon"])))
+    zplus = ZPlus(o["stabilizer"], zero_bias=o["zero_bias"])
+    return Composite("epsilon-plus", _linear_map(zplus, _eps(o)))
 
 
 def _epsilon_plus_flat(o: dict[str, Any]) -> Composite:
@@ -88,13 +93,13 @@ def _epsilon_gamma_box(o: dict[str, Any]) -> Composite:
     low, high = _bounds(o)
     return Composite(
         "epsilon-gamma-box",
-        _linear_map(Gamma(o["gamma"], o["stabilizer"]), Epsilon(o["epsilon"])),
+        _linear_map(Gamma(o["gamma"], o["stabilizer"]), _eps(o)),
         first=ZBox(low, high, o["stabilizer"]),
     )
 
 
 def _epsilon_alpha2_beta1(o: dict[str, Any]) -> Composite:
-    rules = _linear_map(AlphaBeta(2.0, 1.0, o["stabilizer"]), Epsilon(o["epsilon"]))
+    rules = _linear_map(AlphaBeta(2.0, 1.0, o["stabilizer"]), _eps(o))
     return Composite("epsilon-alpha2-beta1", rules)
 
 
@@ -110,19 +115,20 @@ def _otsuki2024(o: dict[str, Any]) -> Composite:
         CONV_TYPES: zplus,  # type: ignore[dict-item]
         DENSE_TYPES: zplus,  # type: ignore[dict-item]
         BATCHNORM_TYPES: Pass(),  # type: ignore[dict-item]
+        nn.ReLU: Pass(),
+        # windows summing to exactly 0 share uniformly (empty="flat"), so no stabiliser is needed
         MAXPOOL_TYPES: Proportional(
-            stabilizer=eps, through=nn.AvgPool2d(2, 2, ceil_mode=True)
+            stabilizer=0.0, through=nn.AvgPool2d(2, 2, ceil_mode=True), empty="flat"
         ),  # type: ignore[dict-item]
     }
-    return Composite("otsuki2024", rules, first=ZPlusOnes(eps), fold_batchnorm=False,
-                     output="probability")
+    return Composite(
+        "otsuki2024", rules, first=ZPlusOnes(eps), fold_batchnorm=False, output="probability"
+    )
 
 
 _FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
-    "lrp-0": lambda o: Composite("lrp-0", _linear_map(LRP0(), LRP0())),
-    "epsilon": lambda o: Composite(
-        "epsilon", _linear_map(Epsilon(o["epsilon"]), Epsilon(o["epsilon"]))
-    ),
+    "lrp-0": lambda o: Composite("lrp-0", _linear_map(LRP0(o["zero_bias"]), LRP0(o["zero_bias"]))),
+    "epsilon": lambda o: Composite("epsilon", _linear_map(_eps(o), _eps(o))),
     "epsilon-plus": _epsilon_plus,
     "epsilon-plus-flat": _epsilon_plus_flat,
     "epsilon-gamma-box": _epsilon_gamma_box,
@@ -131,7 +137,12 @@ _FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
     "otsuki2024": _otsuki2024,
 }
 
-DEFAULT_OPTIONS: dict[str, Any] = {"epsilon": 1e-6, "stabilizer": 1e-6, "gamma": 0.25}
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "epsilon": 1e-6,
+    "stabilizer": 1e-6,
+    "gamma": 0.25,
+    "zero_bias": False,
+}
 OPTION_NAMES = frozenset({*DEFAULT_OPTIONS, "input_bounds", "otsuki_epsilon"})
 
 
@@ -141,7 +152,12 @@ def names() -> list[str]:
 
 
 def get(name: str, **options: Any) -> Composite:
-    """Build a named composite; ``options``: epsilon, stabilizer, gamma, input_bounds."""
+    """Build a named composite.
+
+    ``options``: epsilon (epsilon rule), stabilizer (other rules), gamma, input_bounds (z^B),
+    zero_bias (leave biases out of epsilon/LRP-0/z+ denominators: biases absorb relevance, so
+    only bias-free propagation is conservative), otsuki_epsilon (the otsuki2024 preset's 1e-5).
+    """
     if name not in _FACTORIES:
         raise InvalidInputError(f"composite={name!r} is not one of {names()}")
     unknown = set(options) - OPTION_NAMES

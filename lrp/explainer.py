@@ -30,24 +30,54 @@ from .rules.pooling import Proportional
 from .rules.residual import ResidualMerge, resolve_mode
 
 # Modules whose ordinary gradient already is the LRP rule (relevance-as-gradient convention):
-# ReLU passes relevance where it was active, max-pools are winner-take-all, the rest are reshapes.
+# max-pools are winner-take-all, the rest are reshapes or identities.
 GRADIENT_TYPES = (
-    nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
 )
-# Element-wise activations: relevance passes unchanged (their gradient is not the identity).
+# Element-wise activations: relevance passes unchanged (METHOD.md section 1; Zennit does the same).
 PASS_TYPES = (
-    nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ReLU6, nn.Softplus,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.PReLU, nn.SELU, nn.CELU, nn.RReLU,
+    nn.ReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ReLU6,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.PReLU,
+    nn.SELU,
+    nn.CELU,
+    nn.RReLU,
 )
 POOL_TYPES = (
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
 )
 # Activations whose output is never negative, used to prove a layer's input is >= 0.
 NONNEG_TYPES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.Softmax)
-SIGN_PRESERVING_TYPES = (*POOL_TYPES, *GRADIENT_TYPES[1:], nn.LocalResponseNorm)
+SIGN_PRESERVING_TYPES = (*POOL_TYPES, *GRADIENT_TYPES, nn.LocalResponseNorm)
 
 OUTPUTS = ("logit", "probability")
 
@@ -80,7 +110,9 @@ class Explainer:
 
     The user's model is never modified: a private copy is made once (eval mode, frozen parameters,
     BatchNorm folded, residual merges made explicit, rule layers swapped in) and reused; it is
-    rebuilt only if the model's parameters or buffers change.
+    rebuilt when the model's parameters or buffers are replaced, moved or changed in place
+    (optimizer steps, ``load_state_dict``). Edits through ``tensor.data`` bypass PyTorch's version
+    counters and are not seen: call :meth:`refresh` after them.
     """
 
     def __init__(
@@ -120,6 +152,10 @@ class Explainer:
             self._prepared = self._prepare()
             self._fingerprint = fingerprint
         return self._prepared
+
+    def refresh(self) -> None:
+        """Rebuild the prepared copy on the next call (after edits autograd cannot see)."""
+        self._prepared = None
 
     def _prepare(self) -> nn.Module:
         if self.model.training:
@@ -188,7 +224,9 @@ class Explainer:
             return self.lrn_rule
         where = f"{type(module).__name__} at '{path or '<root>'}'"
         if isinstance(module, LINEAR_TYPES):
-            raise UnsupportedLayerError(f"composite '{self.composite.name}' assigns no rule to {where}")
+            raise UnsupportedLayerError(
+                f"composite '{self.composite.name}' assigns no rule to {where}"
+            )
         if isinstance(module, BATCHNORM_TYPES):
             raise UnsupportedLayerError(
                 f"{where} does not follow a Linear/Conv layer it could be folded into; map it to a "
@@ -273,7 +311,9 @@ class Explainer:
                 f"{type(first).__name__}, got shape {tuple(x.shape)}"
             )
         if x.ndim < 2 or x.shape[0] == 0:
-            raise InvalidInputError(f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+            raise InvalidInputError(
+                f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}"
+            )
         x = x.detach().to(device=self.device, dtype=self.dtype, non_blocking=True).clone()
         if not torch.isfinite(x).all():
             raise InvalidInputError("x contains NaN or Inf values")
@@ -290,7 +330,8 @@ class Explainer:
                 )
             return output_relevance.to(logits)
         if self.output == "probability":
-            values = torch.softmax(logits.float(), dim=1).to(logits.dtype)
+            wide = torch.promote_types(logits.dtype, torch.float32)  # no fp16/bf16 softmax
+            values = torch.softmax(logits.to(wide), dim=1).to(logits.dtype)
         else:
             values = logits
         initial = torch.zeros_like(logits)
@@ -313,7 +354,9 @@ def _lrn_rule(lrn: str | Rule, epsilon: float | None) -> Rule:
 def _check_logits(logits: Tensor, n: int) -> None:
     if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != n:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise InvalidInputError(f"model output must be logits of shape (N, num_classes), got {shape}")
+        raise InvalidInputError(
+            f"model output must be logits of shape (N, num_classes), got {shape}"
+        )
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits).all(1)).nonzero().flatten().tolist()
         raise InvalidInputError(f"model output (logits) contains NaN/Inf for samples {bad}")
@@ -324,7 +367,9 @@ def _resolve_target(target: int | Tensor | None, logits: Tensor) -> Tensor:
     if target is None:
         return logits.argmax(1)
     if isinstance(target, bool) or not isinstance(target, int | Tensor):
-        raise InvalidInputError(f"target must be None, an int or a LongTensor, got {type(target).__name__}")
+        raise InvalidInputError(
+            f"target must be None, an int or a LongTensor, got {type(target).__name__}"
+        )
     t = torch.as_tensor(target, device=logits.device)
     if t.is_floating_point() or t.is_complex():
         raise InvalidInputError(f"target must hold integer class indices, got dtype {t.dtype}")
@@ -332,7 +377,9 @@ def _resolve_target(target: int | Tensor | None, logits: Tensor) -> Tensor:
     if t.ndim == 0:
         t = t.expand(n)
     if t.shape != (n,):
-        raise InvalidInputError(f"target must be a scalar or have shape ({n},), got {tuple(t.shape)}")
+        raise InvalidInputError(
+            f"target must be a scalar or have shape ({n},), got {tuple(t.shape)}"
+        )
     if ((t < 0) | (t >= k)).any():
         raise InvalidInputError(f"target {t.tolist()} out of range for {k} classes")
     return t.contiguous()
@@ -342,21 +389,16 @@ def _record_hooks(model: nn.Module, records: dict[str, Tensor]) -> list[Any]:
     def make(path: str):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if isinstance(out, Tensor) and out.requires_grad:
-                out.register_hook(
-                    lambda g: records.__setitem__(path, g.detach().flatten(1).sum(1))
-                )
+                out.register_hook(lambda g: records.__setitem__(path, g.detach().flatten(1).sum(1)))
+
         return hook
 
     handles = []
     for name, module in model.named_modules():
-        if name and not isinstance(module, ResidualMerge):
-            handles.append(module.register_forward_hook(make(_user_path(name))))
+        # skip the modules inside rule layers: rules may call them again during the backward pass
+        if name and not name.endswith(".module") and not isinstance(module, ResidualMerge):
+            handles.append(module.register_forward_hook(make(name)))
     return handles
-
-
-def _user_path(name: str) -> str:
-    """Wrapped layers add a '.module' level; report the user's module path."""
-    return name.removesuffix(".module")
 
 
 def _mark_nonnegative_inputs(module: nn.Module, input_nonnegative: bool) -> bool:
@@ -372,7 +414,9 @@ def _mark_nonnegative_inputs(module: nn.Module, input_nonnegative: bool) -> bool
         return input_nonnegative
     if isinstance(module, ResidualBlock):
         for i in range(1, module.depth + 1):
-            _mark_nonnegative_inputs(getattr(module, f"conv{i}"), input_nonnegative if i == 1 else True)
+            _mark_nonnegative_inputs(
+                getattr(module, f"conv{i}"), input_nonnegative if i == 1 else True
+            )
         if module.downsample is not None:
             _mark_nonnegative_inputs(module.downsample, input_nonnegative)
         return True

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import LRPError
 from .ops import LinearOp
-from .rules.base import ModuleRule, Rule
+from .rules.base import ModuleRule, Pass, Rule
 
 
 class _ModuleRuleFunction(torch.autograd.Function):
@@ -28,7 +29,28 @@ class _ModuleRuleFunction(torch.autograd.Function):
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
         x, output = ctx.saved_tensors
         layer = ctx.layer
-        return layer.rule.relevance(layer.module, x, output, relevance), None
+        try:
+            return layer.rule.relevance(layer.module, x, output, relevance), None
+        except LRPError as err:
+            raise type(err)(f"at '{layer.path}': {err}") from err
+
+
+class _PassFunction(torch.autograd.Function):
+    """Identity backward that keeps no tensors alive (cheaper than the module's own gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: nn.Module) -> Tensor:
+        output = module(x)
+        if output.shape != x.shape:
+            raise ValueError(
+                f"Pass rule on {type(module).__name__}: output shape {tuple(output.shape)} differs "
+                f"from input shape {tuple(x.shape)}"
+            )
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
+        return relevance, None
 
 
 class ModuleRuleLayer(nn.Module):
@@ -41,6 +63,8 @@ class ModuleRuleLayer(nn.Module):
         self.path = path
 
     def forward(self, x: Tensor) -> Tensor:
+        if type(self.rule) is Pass:
+            return _PassFunction.apply(x, self.module)
         return _ModuleRuleFunction.apply(x, self)
 
     def extra_repr(self) -> str:

@@ -65,7 +65,16 @@ class LinearOp:
         if self.kind == "linear":
             return g.matmul(w)
         grad_input, _, _ = torch.ops.aten.convolution_backward(
-            g, x, w, None, self.stride, self.padding, self.dilation,
-            False, (0,) * self.dims, self.groups, (True, False, False),
+            g,
+            x,
+            w,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            (0,) * self.dims,
+            self.groups,
+            (True, False, False),
         )
         return grad_input

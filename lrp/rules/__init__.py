@@ -13,10 +13,29 @@ from .linear import (
     ZPlus,
     ZPlusOnes,
 )
+from .lrn import LRNIdentity, LRNTaylor, lrn_contributions, lrn_relevance
 from .pooling import Proportional
 from .residual import ResidualMerge
 
 __all__ = [
-    "LRP0", "AlphaBeta", "Epsilon", "Flat", "Gamma", "LinearRule", "ModuleRule", "Pass",
-    "Proportional", "ResidualMerge", "Rule", "WSquare", "ZBox", "ZPlus", "ZPlusOnes", "stabilize",
+    "LRP0",
+    "AlphaBeta",
+    "Epsilon",
+    "Flat",
+    "Gamma",
+    "LRNIdentity",
+    "LRNTaylor",
+    "LinearRule",
+    "ModuleRule",
+    "Pass",
+    "Proportional",
+    "ResidualMerge",
+    "Rule",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+    "ZPlusOnes",
+    "lrn_contributions",
+    "lrn_relevance",
+    "stabilize",
 ]

@@ -64,11 +64,11 @@ class Epsilon(LinearRule):
 class LRP0(Epsilon):
     """The basic rule (Bach et al. 2015): gradient x input on ReLU networks."""
 
-    def __init__(self) -> None:
-        super().__init__(epsilon=0.0)
+    def __init__(self, zero_bias: bool = False) -> None:
+        super().__init__(epsilon=0.0, zero_bias=zero_bias)
 
     def __repr__(self) -> str:
-        return "LRP0()"
+        return f"LRP0(zero_bias={self.zero_bias})"
 
 
 class Gamma(LinearRule):
@@ -129,7 +129,9 @@ class AlphaBeta(LinearRule):
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> None:
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
-            raise ValueError(f"AlphaBeta: need alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}")
+            raise ValueError(
+                f"AlphaBeta: need alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}"
+            )
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.stabilizer = float(stabilizer)

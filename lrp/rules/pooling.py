@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedLayerError
 from .base import ModuleRule, stabilize
 
 
@@ -15,13 +16,22 @@ class Proportional(ModuleRule):
 
     ``through``: an optional linear map used instead of the module in the backward pass, e.g.
     Otsuki et al. treat the ResNet stem's max-pool as a 2x2 average pool when propagating.
+    ``empty="flat"``: a window whose inputs sum to exactly zero (all zero after a ReLU) shares its
+    relevance uniformly instead of dropping it, which keeps the rule conservative when ``through``
+    is not the module itself (a 2x2 window can be all zero where the 3x3 max-pool window is not).
     """
 
     def __init__(
-        self, stabilizer: float = 1e-6, through: Callable[[Tensor], Tensor] | None = None
+        self,
+        stabilizer: float = 1e-6,
+        through: Callable[[Tensor], Tensor] | None = None,
+        empty: str = "drop",
     ) -> None:
+        if empty not in ("drop", "flat"):
+            raise ValueError(f"Proportional: empty={empty!r} is not one of ['drop', 'flat']")
         self.stabilizer = float(stabilizer)
         self.through = through
+        self.empty = empty
 
     def relevance(self, module: nn.Module, x: Tensor, output: Tensor, relevance: Tensor) -> Tensor:
         fn = self.through or module
@@ -29,9 +39,21 @@ class Proportional(ModuleRule):
             xx = x.detach().requires_grad_(True)
             z = fn(xx)
             if z.shape != relevance.shape:
-                raise ValueError(
-                    f"Proportional rule on {type(module).__name__}: the backward map gives shape "
-                    f"{tuple(z.shape)}, the module's output is {tuple(relevance.shape)}"
+                raise UnsupportedLayerError(
+                    f"Proportional rule on {type(module).__name__}: its backward map {fn} gives "
+                    f"shape {tuple(z.shape)}, the module's output is {tuple(relevance.shape)} (the "
+                    "otsuki2024 preset's 2x2 average-pool backward fits only a max-pool that "
+                    "halves the size, as in the ResNet stem)"
                 )
-            (grad,) = torch.autograd.grad(z, xx, relevance / stabilize(z.detach(), self.stabilizer))
-        return x * grad
+            z_value = z.detach()
+            share = relevance / stabilize(z_value, self.stabilizer)
+            if self.empty == "flat":
+                empty = z_value == 0
+                share = torch.where(empty, 0.0, share)
+            (grad,) = torch.autograd.grad(z, xx, share, retain_graph=self.empty == "flat")
+            result = x * grad
+            if self.empty == "flat":
+                counts = fn(torch.ones_like(x[:1]))  # the map's weight sum per output
+                (flat,) = torch.autograd.grad(z, xx, torch.where(empty, relevance / counts, 0.0))
+                result = result + flat
+        return result

@@ -74,7 +74,11 @@ class _MergeFunction(torch.autograd.Function):
         ctx.share = share if not isinstance(share, Tensor) else "tensor"
         if isinstance(share, Tensor):
             # proportional mode gives the skip its own signed share, not the rest
-            skip = h_s / stabilize(out, PROPORTIONAL_STABILIZER) if merge.mode == "proportional" else None
+            skip = (
+                h_s / stabilize(out, PROPORTIONAL_STABILIZER)
+                if merge.mode == "proportional"
+                else None
+            )
             ctx.save_for_backward(share, *(() if skip is None else (skip,)))
         return out
 

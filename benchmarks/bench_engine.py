@@ -1,7 +1,9 @@
 """Engine speed and memory against a plain input gradient and Zennit, in one run.
 
-Each measurement runs in its own subprocess so peak memory (CPU: peak RSS growth during the timed
-calls; CUDA: max_memory_allocated) is not polluted by the others. Prints one table per model.
+Each measurement runs in its own subprocess so peak memory is not polluted by the others. CPU: peak
+RSS minus the RSS after building the model and input, so it includes one-time costs such as the
+explainer's prepared copy of the model; CUDA: max_memory_allocated during the timed calls.
+Prints one table per model.
 
     python benchmarks/bench_engine.py                       # VGG-16 b4 and ResNet-50 b8, 224 px, CPU
     python benchmarks/bench_engine.py --models resnet50 --batch 8 --device cuda
@@ -86,6 +88,7 @@ def worker(args: argparse.Namespace) -> None:
     device = args.device
     model = _build(args.model, device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    rss_before = _rss_mb()  # before the first call: includes one-time costs (LRP's prepared copy)
     run = _runner(args.method, model, args.composite, args.residual)
     for _ in range(args.warmup):
         run(x)
@@ -94,7 +97,6 @@ def worker(args: argparse.Namespace) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss_before = _rss_mb()
     times = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()

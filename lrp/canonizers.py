@@ -114,11 +114,9 @@ def fold_batchnorm_into(linear: nn.Module, bn: nn.Module) -> None:
     shape = (-1,) + (1,) * (linear.weight.ndim - 1)
     bias = linear.bias if linear.bias is not None else torch.zeros_like(bn.running_mean)
     new_bias = (bias - bn.running_mean) * scale + shift
-    linear.weight.data = linear.weight * scale.view(shape)
-    if linear.bias is None:
-        linear.bias = nn.Parameter(new_bias, requires_grad=False)
-    else:
-        linear.bias.data = new_bias
+    # new Parameters: the explainer's copy shares the user's tensors, which must stay untouched
+    linear.weight = nn.Parameter(linear.weight * scale.view(shape), requires_grad=False)
+    linear.bias = nn.Parameter(new_bias, requires_grad=False)
 
 
 def _can_fold(linear: nn.Module, bn: nn.Module) -> bool:

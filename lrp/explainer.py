@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .canonizers import (
     disable_inplace,
     fold_batchnorms,
     is_ordered_container,
+    is_plain_sequential,
     replace_residual_blocks,
     verify_container,
 )
@@ -164,7 +166,10 @@ class Explainer:
                 "behaviour (dropout off, BatchNorm running statistics) on a private copy",
                 stacklevel=3,
             )
-        model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # the copy shares the user's parameter and buffer tensors (read-only here: folding and the
+        # rules make new tensors), so preparing costs no second set of weights
+        shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        model = copy.deepcopy(self.model, shared).eval()
         disable_inplace(model)
         replace_residual_blocks(model, self.residual)
         if self.composite.fold_batchnorm:
@@ -182,6 +187,7 @@ class Explainer:
         else:
             self._wrap_children(model, "")
         _mark_nonnegative_inputs(model, input_nonnegative=False)
+        _mark_inplace_relus(model)
         return model
 
     def _wrap_children(self, parent: nn.Module, prefix: str) -> None:
@@ -429,3 +435,36 @@ def _mark_nonnegative_inputs(module: nn.Module, input_nonnegative: bool) -> bool
         if isinstance(child, LinearRuleLayer):
             child.input_nonnegative = False
     return False
+
+
+def _is_private_output(module: nn.Module) -> bool:
+    """Whether the module's output tensor is new and kept by no autograd node of the engine."""
+    if isinstance(module, LinearRuleLayer | ResidualMerge):
+        return True  # their Functions save inputs and ratios, never their outputs
+    return isinstance(module, ModuleRuleLayer) and type(module.rule) is Pass
+
+
+def _mark_inplace_relus(model: nn.Module) -> None:
+    """Let Pass-ReLUs overwrite their input where only they read it, saving one activation copy.
+
+    In a plain Sequential a child's output reaches only the next child; in a ResidualBlock every
+    ReLU reads a (folded) conv, a pass-through BatchNorm or the merge. Anything else stays
+    out of place.
+    """
+    def is_relu(m: nn.Module) -> bool:
+        return isinstance(m, ModuleRuleLayer) and type(m.rule) is Pass and type(m.module) is nn.ReLU
+
+    for module in model.modules():
+        if isinstance(module, ResidualBlock) and is_relu(module.relu):
+            producers = [getattr(module, f"bn{i}") for i in range(1, module.depth + 1)]
+            convs = [getattr(module, f"conv{i}") for i in range(1, module.depth + 1)]
+            if all(
+                _is_private_output(b) or (isinstance(b, nn.Identity) and _is_private_output(c))
+                for b, c in zip(producers, convs, strict=True)
+            ):
+                module.relu.inplace = True
+        elif is_plain_sequential(module):
+            children = list(module.children())
+            for prev, child in itertools.pairwise(children):
+                if is_relu(child) and _is_private_output(prev):
+                    child.inplace = True

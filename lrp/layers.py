@@ -39,7 +39,10 @@ class _PassFunction(torch.autograd.Function):
     """Identity backward that keeps no tensors alive (cheaper than the module's own gradient)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, module: nn.Module) -> Tensor:
+    def forward(ctx: Any, x: Tensor, module: nn.Module, inplace: bool = False) -> Tensor:
+        if inplace:  # only set where no one else holds x (see ModuleRuleLayer.inplace)
+            ctx.mark_dirty(x)
+            return torch.relu_(x)
         output = module(x)
         if output.shape != x.shape:
             raise ValueError(
@@ -49,8 +52,8 @@ class _PassFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
-        return relevance, None
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None, None]:
+        return relevance, None, None
 
 
 class ModuleRuleLayer(nn.Module):
@@ -61,10 +64,12 @@ class ModuleRuleLayer(nn.Module):
         self.module = module
         self.rule = rule
         self.path = path
+        # a ReLU whose input tensor nobody else keeps may work in place (set by the explainer)
+        self.inplace = False
 
     def forward(self, x: Tensor) -> Tensor:
         if type(self.rule) is Pass:
-            return _PassFunction.apply(x, self.module)
+            return _PassFunction.apply(x, self.module, self.inplace)
         return _ModuleRuleFunction.apply(x, self)
 
     def extra_repr(self) -> str:

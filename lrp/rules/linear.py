@@ -58,7 +58,7 @@ class Epsilon(LinearRule):
 
     def backward(self, layer, x, saved, relevance):
         (den,) = saved
-        return x * layer.op.transpose(relevance / den, layer.weight, x)
+        return layer.op.transpose(relevance / den, layer.weight, x).mul_(x)
 
 
 class LRP0(Epsilon):
@@ -138,25 +138,39 @@ class AlphaBeta(LinearRule):
         self.use_bias = True
 
     def prepare(self, weight, bias):
-        out = {"wp": weight.clamp(min=0), "wn": weight.clamp(max=0)}
+        out = {"wp": weight.clamp(min=0)}
         if bias is not None and self.use_bias:
-            out["bp"], out["bn"] = _pos(bias), _neg(bias)
+            out["bp"] = _pos(bias)
+            if self.beta:
+                out["bn"] = _neg(bias)
         return out
 
-    def _den(self, layer, xp, xn, w_a, w_b, b):
+    @staticmethod
+    def _negative_weight(layer: LinearRuleLayer) -> Tensor:
+        """W-, made on first use: z+ on inputs known to be >= 0 never needs it (saves a weight copy)."""
+        wn = layer.prepared.get("wn")
+        if wn is None:
+            wn = layer.prepared["wn"] = layer.weight.clamp(max=0)
+        return wn
+
+    def _den(self, layer, xp, xn, w_a, w_b, b, nonnegative):
         op = layer.op
         den = op(xp, w_a, b)
         if xn is not None:
             den = den + op(xn, w_b)
+        if nonnegative and self.stabilizer > 0:
+            return den.add_(self.stabilizer)  # sign is known: one in-place pass
         return stabilize(den, self.stabilizer)
 
     def forward(self, layer, x, z):
         p = layer.prepared
         xp, xn = (x, None) if layer.input_nonnegative else (x.clamp(min=0), x.clamp(max=0))
         saved = [xp] if xn is None else [xp, xn]
-        saved.append(self._den(layer, xp, xn, p["wp"], p["wn"], p.get("bp")))
+        wn = self._negative_weight(layer) if (xn is not None or self.beta) else None
+        # positive contributions (x+ w+, x- w-, b+) sum to >= 0, negative ones to <= 0
+        saved.append(self._den(layer, xp, xn, p["wp"], wn, p.get("bp"), True))
         if self.beta:
-            saved.append(self._den(layer, xp, xn, p["wn"], p["wp"], p.get("bn")))
+            saved.append(self._den(layer, xp, xn, wn, p["wp"], p.get("bn"), False))
         return tuple(saved)
 
     def backward(self, layer, x, saved, relevance):
@@ -164,8 +178,10 @@ class AlphaBeta(LinearRule):
         nonneg = layer.input_nonnegative
         xp, xn = (saved[0], None) if nonneg else (saved[0], saved[1])
         dens = saved[1:] if nonneg else saved[2:]
-        g_pos = relevance * (self.alpha / dens[0])
-        r = xp * op.transpose(g_pos, p["wp"], x)
+        g_pos = relevance / dens[0]
+        if self.alpha != 1.0:
+            g_pos.mul_(self.alpha)
+        r = op.transpose(g_pos, p["wp"], x).mul_(xp)
         if xn is not None:
             r = r + xn * op.transpose(g_pos, p["wn"], x)
         if self.beta:

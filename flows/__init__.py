@@ -1,0 +1,1 @@
+"""Dataset-scale LRP pipeline: data, models, training, explaining and orchestration."""

@@ -1,0 +1,133 @@
+"""Model factory: small offline models for the default run, any torchvision classifier for users.
+
+Models are built from torchvision / ``lrp.models`` building blocks (BasicBlock, Conv2d, LRN, ...)
+so that the engine's rules recognise every layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock, ResNet
+
+
+class ModelError(ValueError):
+    """Unknown model name, unusable weights or a checkpoint that does not fit (path named)."""
+
+
+def small_resnet(num_classes: int) -> ResNet:
+    """torchvision ResNet with one BasicBlock per stage (ResNet-10).
+
+    Same module types as ResNet-18/50 (identity and projection skips), so the engine's ResNet
+    rules apply, with few enough FLOPs at 64 px to train on a CPU in minutes.
+    """
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    weights: str | None = None,
+    checkpoint: Path | None = None,
+) -> nn.Module:
+    """Build ``name`` with a ``num_classes`` head, then load ``checkpoint`` if given.
+
+    ``weights`` ("DEFAULT", "IMAGENET1K_V1", ...) applies to torchvision models only and downloads
+    on first use (users only: tests and the default pipeline never pass it). ``checkpoint`` is a
+    state_dict, a training checkpoint from :func:`flows.training.train_model` (``{"model": ...}``)
+    or a pickled ``nn.Module``.
+    """
+    if num_classes < 1:
+        raise ModelError(f"num_classes must be >= 1, got {num_classes}")
+    if checkpoint is not None:
+        loaded = _load_checkpoint(Path(checkpoint))
+        if isinstance(loaded, nn.Module):
+            _check_head(loaded, num_classes, Path(checkpoint))
+            return loaded
+        model = _build(name, num_classes, weights=None)
+        try:
+            model.load_state_dict(loaded)
+        except RuntimeError as exc:
+            raise ModelError(f"{checkpoint}: does not fit model {name!r} ({exc})") from exc
+        return model
+    return _build(name, num_classes, weights=weights)
+
+
+def _build(name: str, num_classes: int, *, weights: str | None) -> nn.Module:
+    if name == "small_resnet":
+        if weights is not None:
+            raise ModelError("model 'small_resnet' has no pretrained weights; use weights=None")
+        return small_resnet(num_classes)
+    if name in ("lrn_cnn", "caffenet"):
+        if weights is not None:
+            raise ModelError(f"model {name!r} has no pretrained weights; use weights=None")
+        from lrp import models as lrp_models  # the engine's reference models
+
+        if name == "lrn_cnn":
+            return lrp_models.lrn_cnn(num_classes, in_channels=3)
+        return lrp_models.caffenet(num_classes)
+    available = tvm.list_models(module=tvm)
+    if name not in available:
+        raise ModelError(
+            f"unknown model {name!r}: use 'small_resnet', 'lrn_cnn', 'caffenet' or a torchvision "
+            f"classifier such as resnet18, resnet50, vgg16"
+        )
+    if weights is None:
+        return tvm.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        model = tvm.get_model(name, weights=weights)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"model {name!r}: unknown weights {weights!r} ({exc})") from exc
+    _replace_head(model, num_classes)
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer for a fresh one with num_classes outputs (fine-tuning head)."""
+    last_name = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name = module_name
+    if last_name is None:
+        raise ModelError(f"{type(model).__name__}: no Linear classifier layer to replace")
+    old = model.get_submodule(last_name)
+    if old.out_features == num_classes:
+        return
+    parent_name, _, attr = last_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+
+
+def _check_head(model: nn.Module, num_classes: int, path: Path) -> None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears and linears[-1].out_features != num_classes:
+        raise ModelError(
+            f"{path}: model has {linears[-1].out_features} outputs, expected {num_classes}"
+        )
+
+
+def _load_checkpoint(path: Path) -> Any:
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # A pickled nn.Module needs full unpickling: only for local files the user names.
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ModelError(
+                f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})"
+            ) from exc
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # training checkpoint
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict | nn.Module):
+        raise ModelError(f"{path}: expected a state_dict or an nn.Module, got {type(obj).__name__}")
+    return obj

@@ -8,6 +8,7 @@ key path named, not an hour later inside a stage.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class TrainParams:
     augment: bool = True
     # cosine decay suits training from scratch; use "constant" for the fine-tuning protocol
     schedule: str = field(default="cosine", metadata=_choices("constant", "cosine"))
+    # per-architecture overrides of the keys above, e.g. {lrn_cnn: {lr: 0.01, epochs: 40}}
+    per_model: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +156,12 @@ class Params:
         _check_cross_fields(params, source)
         return params
 
+    def train_for(self, architecture: str) -> TrainParams:
+        """The training settings of one architecture: ``train`` with its ``per_model`` entry."""
+        base = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "per_model"}
+        override = self.train.per_model.get(architecture) or {}
+        return _build_section(TrainParams, {**base, **override}, f"train.per_model.{architecture}")
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict (YAML/JSON serialisable)."""
         return dataclasses.asdict(self)
@@ -164,6 +173,8 @@ class Params:
             for key, value in values.items():
                 if isinstance(value, list):
                     value = ",".join(str(v) for v in value)
+                elif isinstance(value, dict):
+                    value = json.dumps(value, sort_keys=True)
                 flat[f"{section}.{key}"] = value
         return flat
 
@@ -239,6 +250,10 @@ def _coerce(value: Any, base: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ParamsError(f"{where}: must be a list, got {value!r}")
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if base is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: must be a mapping, got {value!r}")
+        return value
     if base is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"{where}: must be true or false, got {value!r}")
@@ -273,6 +288,13 @@ def _check_cross_fields(params: Params, source: str) -> None:
         )
     if not params.model.architectures:
         raise ParamsError(f"{source}: model.architectures: must name at least one model")
+    for arch, override in params.train.per_model.items():
+        where = f"{source}: train.per_model.{arch}"
+        if arch not in params.model.architectures:
+            raise ParamsError(f"{where}: {arch!r} is not in model.architectures")
+        if not isinstance(override, dict) or "per_model" in override:
+            raise ParamsError(f"{where}: must be a mapping of train keys")
+        params.train_for(arch)  # validates keys and values, naming them
     for i, level in enumerate(params.evaluate.quantize_levels):
         if level < 0 or level == 1:
             raise ParamsError(

@@ -195,12 +195,12 @@ def train_task(ctx: Context, arch: str) -> dict[str, Any]:
         for old in ckpt_root.iterdir():
             if old.name != fp:
                 shutil.rmtree(old, ignore_errors=True)
-    t = p.train
+    t = p.train_for(arch)
     result = train_model(
         model, train_ds, val_ds, epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay,
         momentum=t.momentum, batch_size=t.batch_size, patience=t.patience, device=device(ctx),
         seed=t.seed, num_workers=p.runtime.num_workers, progress=True,
-        checkpoint_dir=ckpt_root / fp, augment=t.augment,
+        checkpoint_dir=ckpt_root / fp, augment=t.augment, schedule=t.schedule,
     )
     out = ctx.layout.model(arch)
     out.parent.mkdir(parents=True, exist_ok=True)

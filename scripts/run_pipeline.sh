@@ -8,13 +8,8 @@ cd "$(dirname "$0")/.."
 ROOT="$PWD"
 PY="${PYTHON:-python3}"
 
-if [ ! -x .venv/bin/python ]; then
-  echo "==> creating .venv and installing the project (first run only)"
-  "$PY" -m venv .venv
-  .venv/bin/pip install --upgrade pip
-  .venv/bin/pip install torch==2.14.1 torchvision==0.29.1
-  .venv/bin/pip install -e '.[pipeline,baselines,dev]'
-fi
+echo "==> environment (.venv; installs on first run only)"
+./scripts/setup.sh
 export PATH="$ROOT/.venv/bin:$PATH"          # dvc.yaml stages call `python`
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120}"

@@ -28,7 +28,7 @@ def _images(n: int = 6, px: int = 32, seed: int = 1) -> tuple[torch.Tensor, torc
 
 
 def test_table_rows_and_params() -> None:
-    images, labels = _images()
+    images, labels = _images(n=4)
     rows = lrn_aopc_table(
         _tiny(),
         images,
@@ -37,7 +37,7 @@ def test_table_rows_and_params() -> None:
         alpha_beta=((1.0, 0.0),),
         orders=("morf", "lerf"),
         region=8,
-        steps=10,
+        steps=4,
         batch_size=64,
     )
     methods = [
@@ -55,7 +55,7 @@ def test_table_rows_and_params() -> None:
         assert math.isfinite(r["aopc"]) and math.isfinite(r["sem"])
         assert math.isfinite(r["diff_vs_identity"])
         p = r["params"]
-        assert p["region"] == 8 and p["steps"] == 10 and p["perturbation"] == "uniform"
+        assert p["region"] == 8 and p["steps"] == 4 and p["perturbation"] == "uniform"
         assert p["order"] == r["order"] and p["composite"] == "epsilon-plus-flat"
         assert p["tiles"] == 16 and p["seed"] == 0
     for r in (rows[0], rows[5]):  # identity against itself

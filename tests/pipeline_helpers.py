@@ -23,7 +23,7 @@ def tiny_params(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """The repository's params.yaml shrunk to seconds of work (absolute MLflow store in root)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(classes=["circle", "square", "triangle"], per_class=12, image_size=32)
-    params["train"].update(epochs=1, batch_size=16, patience=1)
+    params["train"].update(epochs=1, batch_size=16, patience=1, per_model={})
     params["explain"].update(split="test", shard_size=4)
     params["evaluate"].update(steps=8, quantize_levels=[0, 4])
     params["runtime"].update(device="cpu", batch_size=16)

@@ -102,21 +102,40 @@ def disable_inplace(root: nn.Module) -> None:
             module.inplace = False
 
 
+FOLD_ATTRIBUTE = "lrp_folded_batchnorm"
+
+
 @torch.no_grad()
-def fold_batchnorm_into(linear: nn.Module, bn: nn.Module) -> None:
-    """Fold eval-mode BatchNorm ``bn`` (which follows ``linear``) into ``linear``'s parameters."""
+def batchnorm_affine(linear: nn.Module, bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(scale, bias)`` with ``bn(linear(x)) = linear_nobias(x) * scale + bias``."""
     scale = (
         bn.weight / torch.sqrt(bn.running_var + bn.eps)
         if bn.affine
         else (1.0 / torch.sqrt(bn.running_var + bn.eps))
     )
     shift = bn.bias if bn.affine else torch.zeros_like(scale)
-    shape = (-1,) + (1,) * (linear.weight.ndim - 1)
     bias = linear.bias if linear.bias is not None else torch.zeros_like(bn.running_mean)
-    new_bias = (bias - bn.running_mean) * scale + shift
+    return scale, (bias - bn.running_mean) * scale + shift
+
+
+@torch.no_grad()
+def fold_batchnorm_into(linear: nn.Module, bn: nn.Module) -> None:
+    """Fold eval-mode BatchNorm ``bn`` (which follows ``linear``) into ``linear``'s parameters."""
+    scale, bias = batchnorm_affine(linear, bn)
+    shape = (-1,) + (1,) * (linear.weight.ndim - 1)
     # new Parameters: the explainer's copy shares the user's tensors, which must stay untouched
     linear.weight = nn.Parameter(linear.weight * scale.view(shape), requires_grad=False)
-    linear.bias = nn.Parameter(new_bias, requires_grad=False)
+    linear.bias = nn.Parameter(bias, requires_grad=False)
+
+
+def materialize_folded_batchnorm(linear: nn.Module) -> None:
+    """Turn a fold recorded by ``fold_batchnorms(..., materialize=False)`` into folded weights."""
+    fold = linear.__dict__.pop(FOLD_ATTRIBUTE, None)
+    if fold is not None:
+        scale, bias = fold
+        shape = (-1,) + (1,) * (linear.weight.ndim - 1)
+        linear.weight = nn.Parameter(linear.weight * scale.view(shape), requires_grad=False)
+        linear.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def _can_fold(linear: nn.Module, bn: nn.Module) -> bool:
@@ -129,8 +148,13 @@ def _can_fold(linear: nn.Module, bn: nn.Module) -> bool:
     )
 
 
-def fold_batchnorms(root: nn.Module) -> int:
-    """Fold every BatchNorm that directly follows a Linear/Conv in a structure the engine knows."""
+def fold_batchnorms(root: nn.Module, materialize: bool = True) -> int:
+    """Fold every BatchNorm that directly follows a Linear/Conv in a structure the engine knows.
+
+    ``materialize=False`` leaves the weights alone and records ``(scale, bias)`` on the layer (as
+    ``lrp_folded_batchnorm``): the explainer's rule layers apply the scale per channel, so no folded
+    copy of the weights is kept. Such a layer is incomplete until wrapped (or materialized).
+    """
     count = 0
     for _, module in list(root.named_modules()):
         pairs: list[tuple[str, str]] = []
@@ -144,7 +168,10 @@ def fold_batchnorms(root: nn.Module) -> int:
         for lin_name, bn_name in pairs:
             lin, bn = getattr(module, lin_name), getattr(module, bn_name)
             if _can_fold(lin, bn):
-                fold_batchnorm_into(lin, bn)
+                if materialize:
+                    fold_batchnorm_into(lin, bn)
+                else:
+                    setattr(lin, FOLD_ATTRIBUTE, batchnorm_affine(lin, bn))
                 setattr(module, bn_name, nn.Identity())
                 count += 1
     return count

@@ -15,12 +15,14 @@ from torch import Tensor, nn
 from . import composites as composites_mod
 from .canonizers import (
     BATCHNORM_TYPES,
+    FOLD_ATTRIBUTE,
     LINEAR_TYPES,
     ResidualBlock,
     disable_inplace,
     fold_batchnorms,
     is_ordered_container,
     is_plain_sequential,
+    materialize_folded_batchnorm,
     replace_residual_blocks,
     verify_container,
 )
@@ -115,6 +117,11 @@ class Explainer:
     rebuilt when the model's parameters or buffers are replaced, moved or changed in place
     (optimizer steps, ``load_state_dict``). Edits through ``tensor.data`` bypass PyTorch's version
     counters and are not seen: call :meth:`refresh` after them.
+
+    The copy shares the user's weight tensors and applies folded BatchNorm scales per channel, so
+    it holds no second set of weights. Modified weights a rule needs (W+, W-, ...) are made per
+    pass from the current weights and dropped; ``cache_weights=True`` keeps them between calls
+    (saves a few elementwise passes over the weights per call, costs one extra set in memory).
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class Explainer:
         residual: str = "splitting",
         lrn: str | Rule = "taylor",
         lrn_epsilon: float | None = None,
+        cache_weights: bool = False,
         **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -136,6 +144,7 @@ class Explainer:
             raise InvalidInputError(f"output={self.output!r} is not one of {list(OUTPUTS)}")
         self.residual = resolve_mode(residual)
         self.lrn_rule = _lrn_rule(lrn, lrn_epsilon)
+        self.cache_weights = bool(cache_weights)
         self.model = model
         self._fingerprint: tuple | None = None
         self._prepared: nn.Module | None = None
@@ -173,7 +182,7 @@ class Explainer:
         disable_inplace(model)
         replace_residual_blocks(model, self.residual)
         if self.composite.fold_batchnorm:
-            fold_batchnorms(model)
+            fold_batchnorms(model, materialize=False)  # rule layers apply the BN scale
         self.rules = {}
         self.first_layer = next(
             (name for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)), None
@@ -206,6 +215,9 @@ class Explainer:
         rule = self.composite.rule_for(path, module, is_first=path == self.first_layer)
         if rule is None:
             rule = self._default_rule(path, module)
+        fold = module.__dict__.get(FOLD_ATTRIBUTE)
+        if fold is not None and not isinstance(rule, LinearRule):
+            materialize_folded_batchnorm(module)  # the module runs its own forward
         if rule is None:
             return module
         self.rules[path] = rule
@@ -214,7 +226,10 @@ class Explainer:
                 raise UnsupportedLayerError(
                     f"{rule!r} needs a Linear/Conv layer, but '{path}' is {type(module).__name__}"
                 )
-            return LinearRuleLayer(module, rule, path)
+            scale, bias = fold if fold is not None else (None, None)
+            return LinearRuleLayer(
+                module, rule, path, scale=scale, bias=bias, cache_weights=self.cache_weights
+            )
         if isinstance(rule, ModuleRule):
             return ModuleRuleLayer(module, rule, path)
         raise InvalidInputError(f"rule for '{path}' must be a lrp.rules rule, got {rule!r}")
@@ -266,33 +281,37 @@ class Explainer:
         *,
         output_relevance: Tensor | None = None,
         record_layers: bool = False,
+        validate: bool = True,
     ) -> Explanation:
         """Explain ``x`` for ``target`` (None: the predicted class).
 
         ``output_relevance`` (N, K) replaces the one-hot initial relevance. ``record_layers`` fills
         ``layer_relevance`` with the per-sample relevance sum at every module's output.
+        ``validate=False`` skips the value checks (NaN/Inf in ``x``, logits and relevance, target
+        range), each of which waits for the device: for dataset loops on a GPU that check the
+        results in bulk (shapes and dtypes are still checked).
         """
         if torch.is_inference_mode_enabled():
             raise InvalidInputError(
                 "LRP needs autograd: call the explainer outside torch.inference_mode()"
             )
         model = self.prepared_model()
-        x = self._check_input(x)
+        x = self._check_input(x, validate)
         records: dict[str, Tensor] = {}
         handles = _record_hooks(model, records) if record_layers else []
         try:
             with torch.enable_grad():
                 x = x.requires_grad_(True)
                 logits = model(x)
-                _check_logits(logits, x.shape[0])
-                target_t = _resolve_target(target, logits)
+                _check_logits(logits, x.shape[0], validate)
+                target_t = _resolve_target(target, logits, validate)
                 initial_map = self._initial_relevance(logits.detach(), target_t, output_relevance)
                 (relevance,) = torch.autograd.grad(logits, x, initial_map)
         finally:
             for h in handles:
                 h.remove()
-        bad = ~torch.isfinite(relevance).flatten(1).all(1)
-        if bad.any():
+        bad = ~torch.isfinite(relevance).flatten(1).all(1) if validate else None
+        if bad is not None and bad.any():
             warnings.warn(
                 f"relevance is NaN/Inf for samples {bad.nonzero().flatten().tolist()}", stacklevel=2
             )
@@ -304,7 +323,7 @@ class Explainer:
             layer_relevance=records or None,
         )
 
-    def _check_input(self, x: Tensor) -> Tensor:
+    def _check_input(self, x: Tensor, validate: bool = True) -> Tensor:
         if not isinstance(x, Tensor):
             raise InvalidInputError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -321,7 +340,7 @@ class Explainer:
                 f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}"
             )
         x = x.detach().to(device=self.device, dtype=self.dtype, non_blocking=True).clone()
-        if not torch.isfinite(x).all():
+        if validate and not torch.isfinite(x).all():
             raise InvalidInputError("x contains NaN or Inf values")
         return x
 
@@ -357,18 +376,18 @@ def _lrn_rule(lrn: str | Rule, epsilon: float | None) -> Rule:
     raise InvalidInputError(f"lrn={lrn!r} is not one of ['taylor', 'identity'] or a lrp.rules rule")
 
 
-def _check_logits(logits: Tensor, n: int) -> None:
+def _check_logits(logits: Tensor, n: int, validate: bool = True) -> None:
     if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != n:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise InvalidInputError(
             f"model output must be logits of shape (N, num_classes), got {shape}"
         )
-    if not torch.isfinite(logits).all():
+    if validate and not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits).all(1)).nonzero().flatten().tolist()
         raise InvalidInputError(f"model output (logits) contains NaN/Inf for samples {bad}")
 
 
-def _resolve_target(target: int | Tensor | None, logits: Tensor) -> Tensor:
+def _resolve_target(target: int | Tensor | None, logits: Tensor, validate: bool = True) -> Tensor:
     n, k = logits.shape
     if target is None:
         return logits.argmax(1)
@@ -386,7 +405,7 @@ def _resolve_target(target: int | Tensor | None, logits: Tensor) -> Tensor:
         raise InvalidInputError(
             f"target must be a scalar or have shape ({n},), got {tuple(t.shape)}"
         )
-    if ((t < 0) | (t >= k)).any():
+    if validate and ((t < 0) | (t >= k)).any():
         raise InvalidInputError(f"target {t.tolist()} out of range for {k} classes")
     return t.contiguous()
 

@@ -79,8 +79,9 @@ class ModuleRuleLayer(nn.Module):
 class _LinearRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: LinearRuleLayer) -> Tensor:
-        output = layer.op(x, layer.weight, layer.bias)
-        saved = layer.rule.forward(layer, x, output)
+        output = layer.affine(x)
+        params = layer.rule_params()
+        saved = layer.rule.forward(layer, params, x, output)
         ctx.layer = layer
         ctx.save_for_backward(x, *saved)
         return output
@@ -89,31 +90,87 @@ class _LinearRuleFunction(torch.autograd.Function):
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
         x, *saved = ctx.saved_tensors
         layer = ctx.layer
-        return layer.rule.backward(layer, x, saved, relevance), None
+        return layer.rule.backward(layer, layer.rule_params(), x, saved, relevance), None
 
 
 class LinearRuleLayer(nn.Module):
-    """Wraps a Linear/ConvNd layer with a LinearRule.
+    """Wraps a Linear/ConvNd layer, possibly with a BatchNorm folded in, with a LinearRule.
 
-    ``prepared`` holds the rule's modified parameters, computed once at construction.
-    ``input_nonnegative`` is set by the explainer when the layer's input is provably >= 0 (it follows
-    a ReLU), which lets sign-splitting rules skip the terms of negative inputs.
+    The layer computes ``op(x, W) * scale + bias`` from the user's own weight tensor ``W`` and the
+    folded BatchNorm's per-channel ``scale`` (None: no BatchNorm), so no folded copy of the weights
+    is kept. The rule's modified weights (W+, W-, ...) are made from the folded weight when a pass
+    needs them and dropped after it, unless ``cache_weights`` keeps them (faster for small batches,
+    one more set of weights in memory). ``input_nonnegative`` is set by the explainer when the
+    layer's input is provably >= 0 (it follows a ReLU), which lets sign-splitting rules skip the
+    terms of negative inputs.
     """
 
-    def __init__(self, module: nn.Module, rule: Rule, path: str = "") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        rule: Rule,
+        path: str = "",
+        *,
+        scale: Tensor | None = None,
+        bias: Tensor | None = None,
+        cache_weights: bool = False,
+    ) -> None:
         super().__init__()
         self.module = module
         self.rule = rule
         self.path = path
         self.op = LinearOp(module, path)
         self.weight: Tensor = module.weight.detach()
-        self.bias: Tensor | None = None if module.bias is None else module.bias.detach()
+        self.scale = None if scale is None else scale.detach()
+        if bias is None and module.bias is not None:
+            bias = module.bias
+        self.bias: Tensor | None = None if bias is None else bias.detach()
         self.input_nonnegative = False
-        self.prepared: dict[str, Tensor] = rule.prepare(self.weight, self.bias)
+        self.cache_weights = cache_weights
+        self._rule_params: dict[str, Tensor] | None = None
         self.cache: dict[Any, Tensor] = {}
 
     def forward(self, x: Tensor) -> Tensor:
         return _LinearRuleFunction.apply(x, self)
 
+    def _scale_view(self, like: Tensor) -> Tensor:
+        assert self.scale is not None
+        return self.scale.view(-1, *([1] * (like.ndim - 2))) if like.ndim > 2 else self.scale
+
+    def _bias_view(self, like: Tensor) -> Tensor:
+        assert self.bias is not None
+        return self.bias.view(-1, *([1] * (like.ndim - 2))) if like.ndim > 2 else self.bias
+
+    def affine(self, x: Tensor, bias: bool = True) -> Tensor:
+        """The layer's output ``op(x, W) * scale + bias`` (``bias=False``: without the bias)."""
+        if self.scale is None:
+            return self.op(x, self.weight, self.bias if bias else None)
+        z = self.op(x, self.weight)
+        if bias and self.bias is not None:
+            return torch.addcmul(self._bias_view(z), z, self._scale_view(z))
+        return z.mul_(self._scale_view(z))
+
+    def affine_transpose(self, g: Tensor, x: Tensor) -> Tensor:
+        """Transpose of :meth:`affine`'s linear part applied to ``g`` (``x`` gives the shape)."""
+        if self.scale is not None:
+            g = g * self._scale_view(g)
+        return self.op.transpose(g, self.weight, x)
+
+    def folded_weight(self) -> Tensor:
+        """``W * scale`` per output channel: the weight the rules see (a new tensor if folded)."""
+        if self.scale is None:
+            return self.weight
+        return self.weight * self.scale.view(-1, *([1] * (self.weight.ndim - 1)))
+
+    def rule_params(self) -> dict[str, Tensor]:
+        """The rule's modified weights and biases (cached only with ``cache_weights``)."""
+        if self._rule_params is not None:
+            return self._rule_params
+        params = self.rule.prepare(self.folded_weight(), self.bias, self.input_nonnegative)
+        if self.cache_weights:
+            self._rule_params = params
+        return params
+
     def extra_repr(self) -> str:
-        return f"rule={self.rule!r}, input_nonnegative={self.input_nonnegative}"
+        folded = self.scale is not None
+        return f"rule={self.rule!r}, input_nonnegative={self.input_nonnegative}, bn_folded={folded}"

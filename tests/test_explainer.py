@@ -237,6 +237,28 @@ def test_prepared_copy_is_reused() -> None:
     assert explainer.prepared_model() is explainer.prepared_model()
 
 
+@pytest.mark.parametrize("composite", sorted(COMPOSITE_KW))
+def test_prepared_copy_holds_no_weight_copies(composite: str) -> None:
+    """The copy uses the user's weight tensors (BatchNorm applied as a per-channel scale) and keeps
+    no modified weights between calls unless ``cache_weights``; both give the same relevance."""
+    from lrp.layers import LinearRuleLayer
+
+    model = small_cnn()
+    user = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    x = inputs()
+    lean = lrp.Explainer(model, composite=composite, **COMPOSITE_KW[composite])
+    cached = lrp.Explainer(model, composite=composite, cache_weights=True, **COMPOSITE_KW[composite])
+    r_lean, r_cached = lean(x, target=1).relevance, cached(x, target=1).relevance
+    torch.testing.assert_close(r_lean, r_cached, rtol=1e-12, atol=1e-14)
+    layers = [m for m in lean.prepared_model().modules() if isinstance(m, LinearRuleLayer)]
+    assert layers and all(m.weight.untyped_storage().data_ptr() in user for m in layers)
+    assert all(m._rule_params is None for m in layers)
+    cached_layers = [m for m in cached.prepared_model().modules() if isinstance(m, LinearRuleLayer)]
+    assert all(m._rule_params is not None for m in cached_layers)
+    if lean.composite.fold_batchnorm:  # the BatchNorm after the first conv became a scale
+        assert layers[0].scale is not None
+
+
 @pytest.mark.parametrize("how", ["data_mul", "no_grad_add", "load_state_dict", "bn_stats"])
 def test_weight_change_is_picked_up(how: str) -> None:
     model = small_cnn()
@@ -245,7 +267,8 @@ def test_weight_change_is_picked_up(how: str) -> None:
     e0 = explainer(x)
     if how == "data_mul":
         # .data edits bypass autograd's version counters: documented, refresh() picks them up
-        model[0].weight.data.mul_(2)
+        # (BatchNorm statistics are folded into per-channel scales when the copy is prepared)
+        model[1].running_var.data.mul_(2)
         assert not torch.allclose(explainer(x).logits, model(x).detach())
         explainer.refresh()
     elif how == "no_grad_add":
@@ -529,3 +552,26 @@ def test_no_warning_in_normal_use() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lrp.Explainer(model, composite="epsilon-plus-flat")(inputs(2))
+
+
+def test_validate_false_gives_same_result_and_skips_value_checks() -> None:
+    """``validate=False`` (no device waits) changes nothing for good input; NaN flows through."""
+    model = small_cnn()
+    explainer = lrp.Explainer(model)
+    x = torch.randn(3, 3, 8, 8, dtype=F64)
+    target = torch.tensor([0, 4, 2])
+    checked = explainer(x, target)
+    fast = explainer(x, target, validate=False)
+    torch.testing.assert_close(fast.relevance, checked.relevance, rtol=0, atol=0)
+    torch.testing.assert_close(fast.initial, checked.initial, rtol=0, atol=0)
+    bad = x.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(lrp.InvalidInputError, match="NaN"):
+        explainer(bad, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor the NaN-relevance warning
+        out = explainer(bad, target, validate=False)
+    assert torch.isnan(out.relevance[1]).any()
+    assert torch.isfinite(out.relevance[[0, 2]]).all()
+    with pytest.raises(lrp.InvalidInputError, match="dimensions"):  # shapes are still checked
+        explainer(torch.randn(3, 8, 8, dtype=F64), validate=False)

@@ -1,9 +1,10 @@
 """Rules for Linear and ConvNd layers (Montavon et al. 2019, Kohlbrenner et al. 2020).
 
-Every rule here is a modified gradient: the forward stores the denominators the rule needs (computed
-with parameters prepared once per layer), the backward applies the transposed operator once per
-contribution term. ``layer`` is a :class:`lrp.layers.LinearRuleLayer` (its ``op``, ``prepared``,
-``input_nonnegative`` and ``cache``).
+Every rule here is a modified gradient: the forward stores the denominators the rule needs, the
+backward applies the transposed operator once per contribution term. ``layer`` is a
+:class:`lrp.layers.LinearRuleLayer` (its ``op``, ``affine``/``affine_transpose`` with the true
+weights, ``input_nonnegative`` and ``cache``); ``p`` holds the modified weights that
+:meth:`LinearRule.prepare` made from the BatchNorm-folded weight.
 """
 
 from __future__ import annotations
@@ -28,16 +29,27 @@ def _neg(t: Tensor | None) -> Tensor | None:
 
 
 class LinearRule(Rule):
-    """Base class: ``prepare`` once, ``forward`` saves denominators, ``backward`` returns R_in."""
+    """Base class: ``prepare`` modified weights, ``forward`` saves denominators, ``backward``
+    returns R_in."""
 
-    def prepare(self, weight: Tensor, bias: Tensor | None) -> dict[str, Tensor]:
+    def prepare(
+        self, weight: Tensor, bias: Tensor | None, input_nonnegative: bool
+    ) -> dict[str, Tensor]:
+        """Modified weights/biases from the folded ``weight``; must not modify its arguments."""
         return {}
 
-    def forward(self, layer: LinearRuleLayer, x: Tensor, z: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        self, layer: LinearRuleLayer, p: dict[str, Tensor], x: Tensor, z: Tensor
+    ) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
     def backward(
-        self, layer: LinearRuleLayer, x: Tensor, saved: list[Tensor], relevance: Tensor
+        self,
+        layer: LinearRuleLayer,
+        p: dict[str, Tensor],
+        x: Tensor,
+        saved: list[Tensor],
+        relevance: Tensor,
     ) -> Tensor:
         raise NotImplementedError
 
@@ -51,14 +63,14 @@ class Epsilon(LinearRule):
         self.epsilon = float(epsilon)
         self.zero_bias = zero_bias
 
-    def forward(self, layer: LinearRuleLayer, x: Tensor, z: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, layer, p, x, z):
         if self.zero_bias and layer.bias is not None:
-            z = layer.op(x, layer.weight)
+            z = layer.affine(x, bias=False)
         return (stabilize(z, self.epsilon),)
 
-    def backward(self, layer, x, saved, relevance):
+    def backward(self, layer, p, x, saved, relevance):
         (den,) = saved
-        return layer.op.transpose(relevance / den, layer.weight, x).mul_(x)
+        return layer.affine_transpose(relevance / den, x).mul_(x)
 
 
 class LRP0(Epsilon):
@@ -85,7 +97,7 @@ class Gamma(LinearRule):
         self.gamma = float(gamma)
         self.stabilizer = float(stabilizer)
 
-    def prepare(self, weight, bias):
+    def prepare(self, weight, bias, input_nonnegative):
         g = self.gamma
         out = {"wp": weight + g * weight.clamp(min=0), "wn": weight + g * weight.clamp(max=0)}
         if bias is not None:
@@ -93,8 +105,8 @@ class Gamma(LinearRule):
             out["bn"] = bias + g * bias.clamp(max=0)
         return out
 
-    def forward(self, layer, x, z):
-        p, op = layer.prepared, layer.op
+    def forward(self, layer, p, x, z):
+        op = layer.op
         if layer.input_nonnegative:
             den_pos = op(x, p["wp"], p.get("bp"))
             den_neg = op(x, p["wn"], p.get("bn"))
@@ -108,8 +120,8 @@ class Gamma(LinearRule):
         s_neg = (z < 0).to(z.dtype) / stabilize(den_neg, self.stabilizer)
         return (*saved, s_pos, s_neg)
 
-    def backward(self, layer, x, saved, relevance):
-        p, op = layer.prepared, layer.op
+    def backward(self, layer, p, x, saved, relevance):
+        op = layer.op
         if layer.input_nonnegative:
             _, s_pos, s_neg = saved
             g_pos, g_neg = relevance * s_pos, relevance * s_neg
@@ -137,21 +149,15 @@ class AlphaBeta(LinearRule):
         self.stabilizer = float(stabilizer)
         self.use_bias = True
 
-    def prepare(self, weight, bias):
+    def prepare(self, weight, bias, input_nonnegative):
         out = {"wp": weight.clamp(min=0)}
+        if self.beta or not input_nonnegative:  # z+ on inputs >= 0 never needs W-
+            out["wn"] = weight.clamp(max=0)
         if bias is not None and self.use_bias:
             out["bp"] = _pos(bias)
             if self.beta:
                 out["bn"] = _neg(bias)
         return out
-
-    @staticmethod
-    def _negative_weight(layer: LinearRuleLayer) -> Tensor:
-        """W-, made on first use: z+ on inputs known to be >= 0 never needs it (saves a weight copy)."""
-        wn = layer.prepared.get("wn")
-        if wn is None:
-            wn = layer.prepared["wn"] = layer.weight.clamp(max=0)
-        return wn
 
     def _den(self, layer, xp, xn, w_a, w_b, b, nonnegative):
         op = layer.op
@@ -162,19 +168,18 @@ class AlphaBeta(LinearRule):
             return den.add_(self.stabilizer)  # sign is known: one in-place pass
         return stabilize(den, self.stabilizer)
 
-    def forward(self, layer, x, z):
-        p = layer.prepared
+    def forward(self, layer, p, x, z):
         xp, xn = (x, None) if layer.input_nonnegative else (x.clamp(min=0), x.clamp(max=0))
         saved = [xp] if xn is None else [xp, xn]
-        wn = self._negative_weight(layer) if (xn is not None or self.beta) else None
+        wn = p.get("wn")
         # positive contributions (x+ w+, x- w-, b+) sum to >= 0, negative ones to <= 0
         saved.append(self._den(layer, xp, xn, p["wp"], wn, p.get("bp"), True))
         if self.beta:
             saved.append(self._den(layer, xp, xn, wn, p["wp"], p.get("bn"), False))
         return tuple(saved)
 
-    def backward(self, layer, x, saved, relevance):
-        p, op = layer.prepared, layer.op
+    def backward(self, layer, p, x, saved, relevance):
+        op = layer.op
         nonneg = layer.input_nonnegative
         xp, xn = (saved[0], None) if nonneg else (saved[0], saved[1])
         dens = saved[1:] if nonneg else saved[2:]
@@ -216,7 +221,7 @@ class ZBox(LinearRule):
             raise ValueError("ZBox: input_bounds low must be <= high")
         self.stabilizer = float(stabilizer)
 
-    def prepare(self, weight, bias):
+    def prepare(self, weight, bias, input_nonnegative):
         return {"wp": weight.clamp(min=0), "wn": weight.clamp(max=0)}
 
     def _bound(self, bound: Tensor, x: Tensor) -> Tensor:
@@ -230,18 +235,18 @@ class ZBox(LinearRule):
                 f"ZBox: input_bounds of shape {tuple(bound.shape)} do not broadcast to input {tuple(x.shape)}"
             ) from err
 
-    def forward(self, layer, x, z):
-        p, op = layer.prepared, layer.op
+    def forward(self, layer, p, x, z):
+        op = layer.op
         low, high = self._bound(self.low, x), self._bound(self.high, x)
-        den = op(x, layer.weight) - op(low, p["wp"]) - op(high, p["wn"])
+        den = layer.affine(x, bias=False) - op(low, p["wp"]) - op(high, p["wn"])
         return (stabilize(den, self.stabilizer),)
 
-    def backward(self, layer, x, saved, relevance):
-        p, op = layer.prepared, layer.op
+    def backward(self, layer, p, x, saved, relevance):
+        op = layer.op
         s = relevance / saved[0]
         low, high = self._bound(self.low, x), self._bound(self.high, x)
         return (
-            x * op.transpose(s, layer.weight, x)
+            x * layer.affine_transpose(s, x)
             - low * op.transpose(s, p["wp"], x)
             - high * op.transpose(s, p["wn"], x)
         )
@@ -260,20 +265,20 @@ class _InputFree(LinearRule):
     def transform(self, weight: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def prepare(self, weight, bias):
+    def prepare(self, weight, bias, input_nonnegative):
         return {"w": self.transform(weight)}
 
-    def forward(self, layer, x, z):
+    def forward(self, layer, p, x, z):
         key = (tuple(x.shape[1:]), x.device, x.dtype)
         den = layer.cache.get(key)
         if den is None:
             ones = torch.ones((1, *x.shape[1:]), device=x.device, dtype=x.dtype)
-            den = stabilize(layer.op(ones, layer.prepared["w"]), self.stabilizer)
+            den = stabilize(layer.op(ones, p["w"]), self.stabilizer)
             layer.cache[key] = den
         return (den,)
 
-    def backward(self, layer, x, saved, relevance):
-        return layer.op.transpose(relevance / saved[0], layer.prepared["w"], x)
+    def backward(self, layer, p, x, saved, relevance):
+        return layer.op.transpose(relevance / saved[0], p["w"], x)
 
 
 class Flat(_InputFree):

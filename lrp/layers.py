@@ -166,7 +166,9 @@ class LinearRuleLayer(nn.Module):
         """The rule's modified weights and biases (cached only with ``cache_weights``)."""
         if self._rule_params is not None:
             return self._rule_params
-        params = self.rule.prepare(self.folded_weight(), self.bias, self.input_nonnegative)
+        params = self.rule.prepare(
+            self.folded_weight(), self.bias, self.input_nonnegative, private=self.scale is not None
+        )
         if self.cache_weights:
             self._rule_params = params
         return params

@@ -33,9 +33,13 @@ class LinearRule(Rule):
     returns R_in."""
 
     def prepare(
-        self, weight: Tensor, bias: Tensor | None, input_nonnegative: bool
+        self, weight: Tensor, bias: Tensor | None, input_nonnegative: bool, private: bool = False
     ) -> dict[str, Tensor]:
-        """Modified weights/biases from the folded ``weight``; must not modify its arguments."""
+        """Modified weights/biases from the folded ``weight``.
+
+        ``private``: ``weight`` is a fresh copy the rule may overwrite (saves a weight-sized
+        allocation per pass); otherwise it is the user's tensor and must stay untouched.
+        """
         return {}
 
     def forward(
@@ -97,7 +101,7 @@ class Gamma(LinearRule):
         self.gamma = float(gamma)
         self.stabilizer = float(stabilizer)
 
-    def prepare(self, weight, bias, input_nonnegative):
+    def prepare(self, weight, bias, input_nonnegative, private=False):
         g = self.gamma
         out = {"wp": weight + g * weight.clamp(min=0), "wn": weight + g * weight.clamp(max=0)}
         if bias is not None:
@@ -149,10 +153,11 @@ class AlphaBeta(LinearRule):
         self.stabilizer = float(stabilizer)
         self.use_bias = True
 
-    def prepare(self, weight, bias, input_nonnegative):
-        out = {"wp": weight.clamp(min=0)}
+    def prepare(self, weight, bias, input_nonnegative, private=False):
+        out = {}
         if self.beta or not input_nonnegative:  # z+ on inputs >= 0 never needs W-
             out["wn"] = weight.clamp(max=0)
+        out["wp"] = weight.clamp_(min=0) if private else weight.clamp(min=0)
         if bias is not None and self.use_bias:
             out["bp"] = _pos(bias)
             if self.beta:
@@ -220,12 +225,19 @@ class ZBox(LinearRule):
         if torch.any(self.low > self.high):
             raise ValueError("ZBox: input_bounds low must be <= high")
         self.stabilizer = float(stabilizer)
+        self._moved: dict[tuple, Tensor] = {}  # bounds per (which, device, dtype): one copy each
 
-    def prepare(self, weight, bias, input_nonnegative):
+    def __repr__(self) -> str:
+        return f"ZBox(low={self.low!r}, high={self.high!r}, stabilizer={self.stabilizer})"
+
+    def prepare(self, weight, bias, input_nonnegative, private=False):
         return {"wp": weight.clamp(min=0), "wn": weight.clamp(max=0)}
 
     def _bound(self, bound: Tensor, x: Tensor) -> Tensor:
-        b = bound.to(device=x.device, dtype=x.dtype)
+        key = (id(bound), x.device, x.dtype)
+        b = self._moved.get(key)
+        if b is None:  # a host-to-device copy once, not on every call
+            b = self._moved[key] = bound.to(device=x.device, dtype=x.dtype)
         if b.ndim == 1 and x.ndim > 2 and b.numel() == x.shape[1]:
             b = b.view(1, -1, *([1] * (x.ndim - 2)))
         try:
@@ -265,7 +277,7 @@ class _InputFree(LinearRule):
     def transform(self, weight: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def prepare(self, weight, bias, input_nonnegative):
+    def prepare(self, weight, bias, input_nonnegative, private=False):
         return {"w": self.transform(weight)}
 
     def forward(self, layer, p, x, z):

@@ -444,6 +444,7 @@ def _mark_nonnegative_inputs(module: nn.Module, input_nonnegative: bool) -> bool
             )
         if module.downsample is not None:
             _mark_nonnegative_inputs(module.downsample, input_nonnegative)
+        module.merge.skip_nonnegative = input_nonnegative and module.downsample is None
         return True
     if is_ordered_container(module):
         state = input_nonnegative

@@ -79,8 +79,11 @@ class ModuleRuleLayer(nn.Module):
 class _LinearRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: LinearRuleLayer) -> Tensor:
-        output = layer.affine(x)
-        params = layer.rule_params()
+        # the folded weight is made once per pass: it gives the output (bias fused into the
+        # convolution), then the rule may turn it into W+ in place
+        weight = layer.folded_weight()
+        output = layer.op(x, weight, layer.bias)
+        params = layer.rule_params(weight)
         saved = layer.rule.forward(layer, params, x, output)
         ctx.layer = layer
         ctx.save_for_backward(x, *saved)
@@ -96,11 +99,11 @@ class _LinearRuleFunction(torch.autograd.Function):
 class LinearRuleLayer(nn.Module):
     """Wraps a Linear/ConvNd layer, possibly with a BatchNorm folded in, with a LinearRule.
 
-    The layer computes ``op(x, W) * scale + bias`` from the user's own weight tensor ``W`` and the
-    folded BatchNorm's per-channel ``scale`` (None: no BatchNorm), so no folded copy of the weights
-    is kept. The rule's modified weights (W+, W-, ...) are made from the folded weight when a pass
-    needs them and dropped after it, unless ``cache_weights`` keeps them (faster for small batches,
-    one more set of weights in memory). ``input_nonnegative`` is set by the explainer when the
+    The layer computes ``op(x, W * scale) + bias`` from the user's own weight tensor ``W`` and the
+    folded BatchNorm's per-channel ``scale`` (None: no BatchNorm). The folded weight and the rule's
+    modified weights (W+, W-, ...) are made when a pass needs them, one layer at a time, and
+    dropped after it, unless ``cache_weights`` keeps them (faster for small batches, one or two
+    more sets of weights in memory). ``input_nonnegative`` is set by the explainer when the
     layer's input is provably >= 0 (it follows a ReLU), which lets sign-splitting rules skip the
     terms of negative inputs.
     """
@@ -128,6 +131,7 @@ class LinearRuleLayer(nn.Module):
         self.input_nonnegative = False
         self.cache_weights = cache_weights
         self._rule_params: dict[str, Tensor] | None = None
+        self._folded: Tensor | None = None
         self.cache: dict[Any, Tensor] = {}
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,8 +150,8 @@ class LinearRuleLayer(nn.Module):
         if self.scale is None:
             return self.op(x, self.weight, self.bias if bias else None)
         z = self.op(x, self.weight)
-        if bias and self.bias is not None:
-            return torch.addcmul(self._bias_view(z), z, self._scale_view(z))
+        if bias and self.bias is not None:  # in place: one pass, no new activation tensor
+            return torch.addcmul(self._bias_view(z), z, self._scale_view(z), out=z)
         return z.mul_(self._scale_view(z))
 
     def affine_transpose(self, g: Tensor, x: Tensor) -> Tensor:
@@ -157,18 +161,28 @@ class LinearRuleLayer(nn.Module):
         return self.op.transpose(g, self.weight, x)
 
     def folded_weight(self) -> Tensor:
-        """``W * scale`` per output channel: the weight the rules see (a new tensor if folded)."""
+        """``W * scale`` per output channel: the weight the rules see (a new tensor if folded,
+        kept only with ``cache_weights``)."""
         if self.scale is None:
             return self.weight
-        return self.weight * self.scale.view(-1, *([1] * (self.weight.ndim - 1)))
+        if self._folded is not None:
+            return self._folded
+        folded = self.weight * self.scale.view(-1, *([1] * (self.weight.ndim - 1)))
+        if self.cache_weights:
+            self._folded = folded
+        return folded
 
-    def rule_params(self) -> dict[str, Tensor]:
-        """The rule's modified weights and biases (cached only with ``cache_weights``)."""
+    def rule_params(self, weight: Tensor | None = None) -> dict[str, Tensor]:
+        """The rule's modified weights and biases (cached only with ``cache_weights``).
+
+        ``weight``: this pass's :meth:`folded_weight`, which the rule may then overwrite.
+        """
         if self._rule_params is not None:
             return self._rule_params
-        params = self.rule.prepare(
-            self.folded_weight(), self.bias, self.input_nonnegative, private=self.scale is not None
-        )
+        if weight is None:
+            weight = self.folded_weight()
+        private = weight is not self.weight and weight is not self._folded
+        params = self.rule.prepare(weight, self.bias, self.input_nonnegative, private=private)
         if self.cache_weights:
             self._rule_params = params
         return params

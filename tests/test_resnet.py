@@ -333,3 +333,29 @@ def test_all_composites_run_on_resnet_with_splitting(composite: str) -> None:
     assert e.relevance.shape == (2, 3, 32, 32)
     assert torch.isfinite(e.relevance).all()
     assert e.relevance.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_skip_marked_nonnegative_only_where_it_is(arch: str) -> None:
+    """Merges skip |h_s| where the explainer proved h_s >= 0; that proof holds on real inputs and
+    the relevance equals the one computed with |h_s| everywhere."""
+    torch.manual_seed(0)
+    model = _scale_batchnorms(getattr(torchvision.models, arch)(weights=None), shift=True)
+    model = model.double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    explainer = lrp.Explainer(model, "epsilon-plus-flat")
+    prepared = explainer.prepared_model()
+    merges = [m for m in prepared.modules() if isinstance(m, ResidualMerge)]
+    marked = [m for m in merges if m.skip_nonnegative]
+    assert marked and len(marked) < len(merges)  # identity skips only, not the projections
+    seen: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda mod, args, out: seen.append(args[1].min()))
+               for m in marked]
+    fast = explainer(x, target=1).relevance
+    for h in handles:
+        h.remove()
+    assert len(seen) == len(marked) and all(v >= 0 for v in seen)
+    for m in marked:
+        m.skip_nonnegative = False
+    reference = explainer(x, target=1).relevance
+    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-15)

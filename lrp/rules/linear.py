@@ -73,8 +73,8 @@ class Epsilon(LinearRule):
         return (stabilize(z, self.epsilon),)
 
     def backward(self, layer, p, x, saved, relevance):
-        (den,) = saved
-        return layer.affine_transpose(relevance / den, x).mul_(x)
+        (den,) = saved  # private to this layer and used once: divide into its storage
+        return layer.affine_transpose(torch.div(relevance, den, out=den), x).mul_(x)
 
 
 class LRP0(Epsilon):
@@ -166,11 +166,14 @@ class AlphaBeta(LinearRule):
 
     def _den(self, layer, xp, xn, w_a, w_b, b, nonnegative):
         op = layer.op
+        if nonnegative and self.stabilizer > 0:
+            # the sign is known: the stabiliser rides on the bias of the convolution (no pass)
+            b = w_a.new_full(w_a.shape[:1], self.stabilizer) if b is None else b + self.stabilizer
         den = op(xp, w_a, b)
         if xn is not None:
-            den = den + op(xn, w_b)
-        if nonnegative and self.stabilizer > 0:
-            return den.add_(self.stabilizer)  # sign is known: one in-place pass
+            den = den.add_(op(xn, w_b))
+        if nonnegative:
+            return den if self.stabilizer > 0 else stabilize(den, 0.0)
         return stabilize(den, self.stabilizer)
 
     def forward(self, layer, p, x, z):
@@ -188,7 +191,8 @@ class AlphaBeta(LinearRule):
         nonneg = layer.input_nonnegative
         xp, xn = (saved[0], None) if nonneg else (saved[0], saved[1])
         dens = saved[1:] if nonneg else saved[2:]
-        g_pos = relevance / dens[0]
+        # the denominators are private to this layer and used once: divide into their storage
+        g_pos = torch.div(relevance, dens[0], out=dens[0])
         if self.alpha != 1.0:
             g_pos.mul_(self.alpha)
         r = op.transpose(g_pos, p["wp"], x).mul_(xp)

@@ -43,10 +43,13 @@ def resolve_mode(mode: str) -> str:
 PROPORTIONAL_STABILIZER = 1e-6
 
 
-def branch_share(h_m: Tensor, h_s: Tensor, mode: str, projection: bool) -> Tensor | float | None:
+def branch_share(
+    h_m: Tensor, h_s: Tensor, mode: str, projection: bool, skip_nonnegative: bool = False
+) -> Tensor | float | None:
     """Fraction of the merge's relevance that goes to the residual branch (None: gradient copy).
 
     The skip connection gets the rest (except in ``proportional`` mode, see ``_MergeFunction``).
+    ``skip_nonnegative``: h_s is known to be >= 0 (an identity skip after a ReLU), so |h_s| = h_s.
     """
     if mode == "gradient":
         return None
@@ -60,15 +63,17 @@ def branch_share(h_m: Tensor, h_s: Tensor, mode: str, projection: bool) -> Tenso
         return 1.0
     if mode == "half":
         return 0.5
-    a_m, a_s = h_m.abs(), h_s.abs()
-    total = a_m + a_s
-    return a_m / total.masked_fill(total == 0, 1.0)
+    # |h_m| / (|h_m| + |h_s|) in place; where both are 0 the floor makes it 0/tiny = 0 (all to the
+    # skip). A total below the floor (subnormal) still gives a share in [0, 1].
+    a_m = h_m.abs()
+    total = torch.add(h_s, a_m) if skip_nonnegative else h_s.abs().add_(a_m)
+    return a_m.div_(total.clamp_min_(torch.finfo(a_m.dtype).tiny))
 
 
 class _MergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h_m: Tensor, h_s: Tensor, merge: ResidualMerge) -> Tensor:
-        share = branch_share(h_m, h_s, merge.mode, merge.projection)
+        share = branch_share(h_m, h_s, merge.mode, merge.projection, merge.skip_nonnegative)
         out = h_m + h_s
         ctx.mode = merge.mode
         ctx.share = share if not isinstance(share, Tensor) else "tensor"
@@ -89,8 +94,10 @@ class _MergeFunction(torch.autograd.Function):
         if ctx.share == "tensor":
             saved = ctx.saved_tensors
             r_m = relevance * saved[0]
-            r_s = relevance * saved[1] if len(saved) == 2 else relevance - r_m
-            return r_m, r_s, None
+            if len(saved) == 2:
+                return r_m, relevance * saved[1], None
+            # the share is private to this merge and used once: the skip's part goes into it
+            return r_m, torch.sub(relevance, r_m, out=saved[0]), None
         r_m = relevance * ctx.share
         return r_m, relevance - r_m, None
 
@@ -102,6 +109,7 @@ class ResidualMerge(nn.Module):
         super().__init__()
         self.mode = resolve_mode(mode)
         self.projection = projection
+        self.skip_nonnegative = False  # set by the explainer where the skip follows a ReLU
 
     def forward(self, h_m: Tensor, h_s: Tensor) -> Tensor:
         if not (h_m.requires_grad or h_s.requires_grad):

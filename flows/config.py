@@ -113,14 +113,27 @@ class MlflowParams:
     log_models: bool = True
 
 
+_AUTO = {"also": ["auto"]}  # the value "auto" besides the field's type
+
+
 @dataclass
 class RuntimeParams:
-    """Execution settings that do not change results (except `subset`)."""
+    """Execution settings that do not change results beyond float tolerance (except `subset`).
+
+    Only ``subset`` and ``batch_size`` (metric batches) are DVC stage params; the rest (device,
+    workers, TF32, memory format, task runner, cluster) decide where and how fast, not what.
+    """
 
     device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto
-    batch_size: int = field(default=64, metadata={"min": 1})
+    batch_size: int | str = field(default=64, metadata={"min": 1, **_AUTO})  # int | auto
     num_workers: int = field(default=0, metadata={"min": 0})
     subset: int | None = field(default=None, metadata={"min": 1})
+    channels_last: bool | str = field(default="auto", metadata=_AUTO)  # auto: CUDA convnets
+    tf32: bool = True  # TF32 matmuls/convolutions on CUDA (relevance stays float32)
+    task_runner: str = field(default="local", metadata=_choices("local", "dask"))
+    dask_address: str | None = None  # existing scheduler, e.g. tcp://host:8786; None: local
+    dask_workers: int = field(default=2, metadata={"min": 1})  # size of the local cluster
+    dask_gpu_per_task: bool | str = field(default="auto", metadata=_AUTO)  # Dask resource GPU=1
 
 
 @dataclass
@@ -223,7 +236,15 @@ def _check_value(value: Any, hint: Any, meta: dict[str, Any], where: str) -> Any
         if optional:
             return None
         raise ParamsError(f"{where}: must not be null")
-    value = _coerce(value, base, where)
+    also = meta.get("also", [])
+    if isinstance(value, str) and value in also:
+        return value
+    try:
+        value = _coerce(value, base, where)
+    except ParamsError as exc:
+        if also:
+            raise ParamsError(f"{exc} (or one of {also})") from None
+        raise
     choices = meta.get("choices")
     if choices == "composites":
         choices = _composite_names()
@@ -237,9 +258,12 @@ def _check_value(value: Any, hint: Any, meta: dict[str, Any], where: str) -> Any
 
 
 def _unwrap_optional(hint: Any) -> tuple[bool, Any]:
+    """(accepts None, the type checked): ``int | None`` -> (True, int); ``int | str`` -> (False,
+    int), the ``str`` alternative being the field's ``also`` values."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return True, args[0]
+        all_args = typing.get_args(hint)
+        args = [a for a in all_args if a is not type(None)]
+        return len(args) < len(all_args), args[0]
     return False, hint
 
 

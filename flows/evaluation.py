@@ -8,10 +8,12 @@ every setting that changes a number is written next to the numbers (``metric_par
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from flows.layout import write_json, write_text
 SCORE_COLUMNS = (
     "insertion", "deletion", "id", "aopc_morf", "relevance_mass", "pointing_game",
 )
+# Stored explanation arrays the merge needs (no relevance: it is only read by the pieces).
+MERGE_ARRAYS = ("index", "label", "target", "logits", "conservation")
+PIECE_FORMAT = 1
 
 
 @dataclass
@@ -70,122 +75,249 @@ def evaluate_shards(
 
     ``shards`` maps a method name to :func:`flows.explaining.load_shards` output. Images and masks
     are read from ``dataset`` by the stored index, so the scored images are exactly the explained
-    ones.
+    ones. The single-process composition of :func:`evaluate_piece` (one piece per method) and
+    :func:`merge_pieces`; the Prefect flows score one piece per explanation shard instead.
+    """
+    pieces: dict[str, list[dict[str, Any]]] = {}
+    infos: dict[str, dict[str, np.ndarray]] = {}
+    total = sum(_limit(len(s["index"]), settings) for s in shards.values())
+    done = 0
+    for method, arrays in shards.items():
+        n = _limit(len(arrays["index"]), settings)
+        if n == 0:
+            raise ValueError(f"no explained images for method {method!r}")
+        part = {k: arrays[k][:n] for k in ("index", "target", "relevance")}
+
+        def report(text: str, frac: float, before: int = done, n: int = n) -> None:
+            if progress is not None:
+                progress(text, (before + frac * n) / max(total, 1))
+
+        pieces[method] = [
+            evaluate_piece(model, dataset, part, method, settings, device=device, progress=report)
+        ]
+        infos[method] = {k: arrays[k][:n] for k in MERGE_ARRAYS}
+        done += n
+    return merge_pieces(pieces, infos, dataset, settings)
+
+
+def evaluate_piece(
+    model: nn.Module,
+    dataset: Any,
+    arrays: dict[str, np.ndarray],
+    method: str,
+    settings: EvalSettings,
+    *,
+    device: torch.device,
+    start: int = 0,
+    progress: Callable[[str, float], None] | None = None,
+    bar: bool = True,
+) -> dict[str, Any]:
+    """Score one contiguous run of a method's stored heatmaps (a shard, or all of them).
+
+    ``arrays`` holds ``index``, ``target`` and ``relevance`` of exactly the images to score
+    (``start`` is the position of the first one). Returns a JSON-able partial result: per-image
+    score columns per quantization level, curve sums per chunk (kept apart so that
+    :func:`merge_pieces` adds them in the order one process would), fractions and metric params.
     """
     from lrp.metrics import insertion_deletion, perturbation_curve, pointing_game, relevance_mass
     from lrp.postprocess import heat_quantization, reduce_channels
 
     model = model.to(device).eval()
+    n = len(arrays["index"])
+    levels = list(settings.quantize_levels)
+    per_level: dict[int, dict[str, Any]] = {
+        lvl: {"cols": {}, "insertion": [], "deletion": []} for lvl in levels
+    }
+    aopc_sums: list[torch.Tensor] = []
+    fractions: torch.Tensor | None = None
+    metric_params: dict[str, Any] = {}
+    work = max(n * len(levels), 1)
+    done = 0
+    tq = tqdm(total=n * len(levels), desc=f"evaluate {method}", unit="img", disable=not bar)
+    for lo in range(0, n, settings.chunk):
+        hi = min(lo + settings.chunk, n)
+        idx = arrays["index"][lo:hi]
+        items = [dataset[int(i)] for i in idx]
+        images = torch.stack([it["image"] for it in items])
+        target = torch.as_tensor(arrays["target"][lo:hi], dtype=torch.long)
+        relevance = torch.as_tensor(np.asarray(arrays["relevance"][lo:hi]), dtype=torch.float32)
+        heat = relevance if relevance.dim() == 3 else reduce_channels(relevance, "sum")
+        masks = [it["mask"] for it in items]
+        has_masks = all(m.numel() > 0 for m in masks)
+        for level in levels:
+            h = heat if level == 0 else heat_quantization(heat, level)
+            res = insertion_deletion(
+                model, images, h, target,
+                steps=settings.steps, baseline=settings.baseline, score=settings.score,
+                batch_size=settings.batch_size,
+            )
+            metric_params[f"{variant_name(method, level)}/insertion_deletion"] = res.params
+            fractions = res.fractions.cpu()
+            entry = per_level[level]
+            entry["insertion"].append(res.insertion_curve.sum(0).cpu())
+            entry["deletion"].append(res.deletion_curve.sum(0).cpu())
+            cols = entry["cols"]
+            cols.setdefault("insertion", []).extend(res.insertion.cpu().tolist())
+            cols.setdefault("deletion", []).extend(res.deletion.cpu().tolist())
+            cols.setdefault("id", []).extend(res.id.cpu().tolist())
+            if level == 0:
+                pert = perturbation_curve(
+                    model, images, h, target, order="morf", region=settings.aopc_region,
+                    steps=settings.aopc_steps, batch_size=settings.batch_size,
+                )
+                metric_params[f"{method}/perturbation_curve"] = pert.params
+                aopc_sums.append(pert.curve.sum(0).cpu())
+                cols.setdefault("aopc_morf", []).extend(pert.aopc.cpu().tolist())
+                if has_masks:
+                    m = torch.stack(masks)
+                    cols.setdefault("relevance_mass", []).extend(
+                        relevance_mass(h, m).cpu().tolist()
+                    )
+                    cols.setdefault("pointing_game", []).extend(
+                        pointing_game(h, m).cpu().float().tolist()
+                    )
+                    metric_params[f"{method}/localisation"] = {
+                        "relevance_mass": {"positive_only": True, "reduce": "sum"},
+                        "pointing_game": {"tolerance": 0.0, "reduce": "sum"},
+                        "mask": "object mask from the dataset",
+                    }
+            done += hi - lo
+            tq.update(hi - lo)
+            if progress is not None:
+                progress(f"{method} q{level}: {start + hi}/{start + n} images", done / work)
+    tq.close()
+    return {
+        "format": PIECE_FORMAT,
+        "method": method,
+        "start": start,
+        "count": n,
+        "levels": {
+            str(lvl): {
+                "cols": e["cols"],
+                "insertion": _pack(e["insertion"]),
+                "deletion": _pack(e["deletion"]),
+            }
+            for lvl, e in per_level.items()
+        },
+        "aopc_morf_curve": _pack(aopc_sums),
+        "fractions": _pack([fractions] if fractions is not None else []),
+        "metric_params": json.loads(json.dumps(metric_params, default=_jsonable)),
+    }
+
+
+def merge_pieces(
+    pieces: dict[str, list[dict[str, Any]]],
+    infos: dict[str, dict[str, np.ndarray]],
+    dataset: Any,
+    settings: EvalSettings,
+) -> EvalResult:
+    """Combine partial results into the stage's outputs (summary, rows, curves, metric params).
+
+    ``pieces[method]`` are :func:`evaluate_piece` results covering positions ``[0, n)`` of the
+    method's explanations, and ``infos[method]`` the stored ``index``, ``label``, ``target``,
+    ``logits`` and ``conservation`` of those ``n`` images. Curve sums are added chunk by chunk in
+    dataset order, so the result does not depend on how many workers produced the pieces.
+    """
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[float]]] = {}
     summary: dict[str, Any] = {}
     metric_params: dict[str, Any] = {}
-    total_work = sum(
-        min(len(s["index"]), settings.max_images or len(s["index"])) for s in shards.values()
-    ) * len(settings.quantize_levels)
-    done = 0
-    bar = tqdm(total=total_work, desc="evaluate", unit="img")
-    for method, arrays in shards.items():
-        n = len(arrays["index"])
-        if settings.max_images is not None:
-            n = min(n, settings.max_images)
-        if n == 0:
-            raise ValueError(f"no explained images for method {method!r}")
-        ins_curve_sum: dict[int, torch.Tensor] = {}
-        del_curve_sum: dict[int, torch.Tensor] = {}
-        aopc_curve_sum: torch.Tensor | None = None
-        fractions = None
-        per_image: dict[int, dict[str, list]] = {lvl: {} for lvl in settings.quantize_levels}
-        for start in range(0, n, settings.chunk):
-            stop = min(start + settings.chunk, n)
-            idx = arrays["index"][start:stop]
-            items = [dataset[int(i)] for i in idx]
-            images = torch.stack([it["image"] for it in items])
-            target = torch.as_tensor(arrays["target"][start:stop], dtype=torch.long)
-            relevance = torch.as_tensor(
-                np.asarray(arrays["relevance"][start:stop]), dtype=torch.float32
-            )
-            heat = relevance if relevance.dim() == 3 else reduce_channels(relevance, "sum")
-            masks = [it["mask"] for it in items]
-            has_masks = all(m.numel() > 0 for m in masks)
-            for level in settings.quantize_levels:
-                h = heat if level == 0 else heat_quantization(heat, level)
-                res = insertion_deletion(
-                    model, images, h, target,
-                    steps=settings.steps, baseline=settings.baseline, score=settings.score,
-                    batch_size=settings.batch_size,
+    for method, parts in pieces.items():
+        parts = sorted(parts, key=lambda p: p["start"])
+        info = infos[method]
+        n = len(info["index"])
+        expected = 0
+        for p in parts:
+            if p["method"] != method or p["start"] != expected:
+                raise ValueError(
+                    f"{method}: partial results do not cover images [0, {n}) in order "
+                    f"(got one starting at {p['start']}, expected {expected})"
                 )
-                metric_params[f"{variant_name(method, level)}/insertion_deletion"] = res.params
-                fractions = res.fractions.cpu()
-                ins = res.insertion_curve.sum(0).cpu()
-                dels = res.deletion_curve.sum(0).cpu()
-                ins_curve_sum[level] = ins_curve_sum.get(level, 0) + ins
-                del_curve_sum[level] = del_curve_sum.get(level, 0) + dels
-                cols = per_image[level]
-                cols.setdefault("insertion", []).extend(res.insertion.cpu().tolist())
-                cols.setdefault("deletion", []).extend(res.deletion.cpu().tolist())
-                cols.setdefault("id", []).extend(res.id.cpu().tolist())
-                if level == 0:
-                    pert = perturbation_curve(
-                        model, images, h, target, order="morf", region=settings.aopc_region,
-                        steps=settings.aopc_steps, batch_size=settings.batch_size,
-                    )
-                    metric_params[f"{method}/perturbation_curve"] = pert.params
-                    c = pert.curve.sum(0).cpu()
-                    aopc_curve_sum = c if aopc_curve_sum is None else aopc_curve_sum + c
-                    cols.setdefault("aopc_morf", []).extend(pert.aopc.cpu().tolist())
-                    if has_masks:
-                        m = torch.stack(masks)
-                        cols.setdefault("relevance_mass", []).extend(
-                            relevance_mass(h, m).cpu().tolist()
-                        )
-                        cols.setdefault("pointing_game", []).extend(
-                            pointing_game(h, m).cpu().float().tolist()
-                        )
-                        metric_params[f"{method}/localisation"] = {
-                            "relevance_mass": {"positive_only": True, "reduce": "sum"},
-                            "pointing_game": {"tolerance": 0.0, "reduce": "sum"},
-                            "mask": "object mask from the dataset",
-                        }
-                done += stop - start
-                bar.update(stop - start)
-                if progress is not None:
-                    progress(f"{method} q{level}: {stop}/{n} images", done / max(total_work, 1))
+            expected += p["count"]
+        if expected != n or n == 0:
+            raise ValueError(f"{method}: partial results cover {expected} images, expected {n}")
+        for p in parts:
+            metric_params.update(p["metric_params"])
+        fractions = _unpack(parts[-1]["fractions"])[-1]
         for level in settings.quantize_levels:
             name = variant_name(method, level)
-            cols = per_image[level]
+            entries = [p["levels"][str(level)] for p in parts]
+            cols: dict[str, list] = {}
+            for e in entries:
+                for key, values in e["cols"].items():
+                    cols.setdefault(key, []).extend(values)
+            cols = {k: cols[k] for k in SCORE_COLUMNS if k in cols}  # the column order
+            ins_sum = _running_sum(c for e in entries for c in _unpack(e["insertion"]))
+            del_sum = _running_sum(c for e in entries for c in _unpack(e["deletion"]))
             curves[name] = {
                 "fraction": fractions.tolist(),
-                "insertion": (ins_curve_sum[level] / n).tolist(),
-                "deletion": (del_curve_sum[level] / n).tolist(),
+                "insertion": (ins_sum / n).tolist(),
+                "deletion": (del_sum / n).tolist(),
             }
-            if level == 0 and aopc_curve_sum is not None:
-                curves[name]["aopc_morf_curve"] = (aopc_curve_sum / n).tolist()
+            if level == 0:
+                aopc = [c for p in parts for c in _unpack(p["aopc_morf_curve"])]
+                if aopc:
+                    curves[name]["aopc_morf_curve"] = (_running_sum(aopc) / n).tolist()
             summary[name] = {k: _mean(v) for k, v in cols.items()}
             summary[name]["n_images"] = n
             for i in range(n):
                 row = {
                     "method": method,
                     "quantize_levels": level,
-                    "index": int(arrays["index"][i]),
-                    "path": _rel_path(dataset, int(arrays["index"][i])),
-                    "label": int(arrays["label"][i]),
-                    "target": int(arrays["target"][i]),
-                    "predicted": int(np.argmax(arrays["logits"][i])),
-                    "conservation": float(arrays["conservation"][i]),
+                    "index": int(info["index"][i]),
+                    "path": _rel_path(dataset, int(info["index"][i])),
+                    "label": int(info["label"][i]),
+                    "target": int(info["target"][i]),
+                    "predicted": int(np.argmax(info["logits"][i])),
+                    "conservation": float(info["conservation"][i]),
                 }
                 for key in SCORE_COLUMNS:
                     values = cols.get(key)
-                    row[key] = values[i] if values is not None else ""
+                    row[key] = values[i] if values is not None and i < len(values) else ""
                 rows.append(row)
-        cons = np.asarray(arrays["conservation"][:n], dtype=np.float64)
+        cons = np.asarray(info["conservation"][:n], dtype=np.float64)
         summary[method]["conservation_median"] = float(np.median(cons))
         summary[method]["conservation_max"] = float(np.max(cons))
-        logits = np.asarray(arrays["logits"][:n])
-        labels = np.asarray(arrays["label"][:n])
+        logits = np.asarray(info["logits"][:n])
+        labels = np.asarray(info["label"][:n])
         summary[method]["accuracy"] = float((logits.argmax(1) == labels).mean())
-    bar.close()
     return EvalResult(summary=summary, rows=rows, curves=curves, metric_params=metric_params)
+
+
+def piece_key(
+    settings: EvalSettings, *, method: str, shard_sha256: str, start: int, count: int,
+    model_sha256: str,
+) -> str:
+    """What a partial result depends on: metric settings, the explanation shard, the model."""
+    values = {
+        "format": PIECE_FORMAT,
+        "settings": {**asdict(settings), "quantize_levels": list(settings.quantize_levels)},
+        "method": method,
+        "shard_sha256": shard_sha256,
+        "start": start,
+        "count": count,
+        "model_sha256": model_sha256,
+    }
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def write_piece(path: Path, key: str, piece: dict[str, Any]) -> None:
+    """Store a partial result atomically, tagged with its :func:`piece_key`."""
+    write_json(path, {"key": key, "piece": piece})
+
+
+def read_piece(path: Path, key: str) -> dict[str, Any] | None:
+    """The partial result at ``path`` if it is complete and has ``key``; else None (recompute)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key:
+        return None
+    piece = stored.get("piece")
+    return piece if isinstance(piece, dict) and piece.get("format") == PIECE_FORMAT else None
 
 
 def write_outputs(
@@ -213,6 +345,36 @@ def write_outputs(
         ]
         write_text(plots_dir / f"{kind}.csv", "\n".join(lines) + "\n")
     write_json(metrics_file, result.summary)
+
+
+def _limit(count: int, settings: EvalSettings) -> int:
+    return count if settings.max_images is None else min(count, settings.max_images)
+
+
+def _pack(tensors: list[torch.Tensor]) -> dict[str, Any]:
+    """Tensors of one dtype as JSON (Python floats round-trip float32/float64 exactly)."""
+    dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else "float32"
+    return {"dtype": dtype, "values": [t.tolist() for t in tensors]}
+
+
+def _unpack(packed: dict[str, Any]) -> list[torch.Tensor]:
+    dtype = getattr(torch, packed["dtype"])
+    return [torch.tensor(v, dtype=dtype) for v in packed["values"]]
+
+
+def _running_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    total: Any = 0
+    for t in tensors:
+        total = total + t
+    if isinstance(total, int):
+        raise ValueError("no curve sums to merge")
+    return total
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 def _mean(values: list[float]) -> float:

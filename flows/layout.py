@@ -35,6 +35,10 @@ class Layout:
     def evaluation(self, arch: str) -> Path:
         return self.root / "eval" / arch
 
+    def eval_shards(self, arch: str) -> Path:
+        """Per-shard partial scores (resume state of the evaluate stage; not a DVC output)."""
+        return self.root / "eval-shards" / arch
+
     def metrics(self, arch: str) -> Path:
         return self.root / "metrics" / f"{arch}.json"
 

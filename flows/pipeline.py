@@ -5,6 +5,8 @@ runs :func:`lrp_pipeline` end to end. Tasks call the plain stage functions in ``
 ``flows.training``, ``flows.explaining`` and ``flows.evaluation``; this module only decides paths,
 passes parameters and reports progress (a tqdm bar in the terminal, logs and a progress artifact in
 Prefect). Tasks exchange paths and small dicts, never tensors: nothing large goes through Prefect.
+Explain and evaluate run one task per shard (``flows.shards``), in this process or on a Dask
+cluster (``runtime.task_runner``, ``flows.scaleout``).
 """
 
 from __future__ import annotations
@@ -239,63 +241,6 @@ def explain_options(ctx: Context, method: str) -> dict[str, Any]:
     return options
 
 
-@task(name="explain", cache_policy=NO_CACHE)
-def explain_task(ctx: Context, arch: str) -> dict[str, Any]:
-    """Explain the whole split in batches into shards; resumes from shards already written."""
-    from flows.explaining import explain_dataset
-
-    p = ctx.params
-    ds = dataset(ctx, p.explain.split, p.runtime.subset)
-    model = load_trained(ctx, arch, len(ds.classes))
-    root = ctx.layout.relevance(arch)
-    wanted = set(methods(p))
-    if root.is_dir():  # methods no longer asked for would be stale outputs
-        for old in root.iterdir():
-            if old.is_dir() and old.name not in wanted:
-                shutil.rmtree(old)
-    written = {}
-    for method in methods(p):
-        out = ctx.layout.relevance(arch, method)
-        index = explain_dataset(
-            model, ds, out_dir=out, method=method, options=explain_options(ctx, method),
-            batch_size=p.runtime.batch_size, device=device(ctx),
-            shard_size=p.explain.shard_size, progress=True,
-        )
-        written[method] = str(out)
-        _progress(
-            None, 1.0, f"{arch}/{method}: {index.num_items} images in {len(index.shards)} shards "
-            f"({len(index.skipped)} reused) -> {out}",
-        )
-    return written
-
-
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(ctx: Context, arch: str) -> dict[str, Any]:
-    """Insertion/deletion, AOPC and localisation of the stored heatmaps."""
-    from flows.evaluation import EvalSettings, evaluate_shards, write_outputs
-    from flows.explaining import load_shards
-
-    p = ctx.params
-    ds = dataset(ctx, p.explain.split, p.runtime.subset)
-    model = load_trained(ctx, arch, len(ds.classes))
-    shards = {m: load_shards(ctx.layout.relevance(arch, m)) for m in methods(p)}
-    ev = p.evaluate
-    settings = EvalSettings(
-        steps=ev.steps, baseline=ev.baseline, score=ev.score,
-        quantize_levels=list(ev.quantize_levels), max_images=ev.max_images,
-        batch_size=p.runtime.batch_size,
-    )
-    result = evaluate_shards(
-        model, ds, shards, settings, device=device(ctx),
-        progress=lambda text, frac: _progress(None, frac, f"{arch} evaluate: {text}"),
-    )
-    write_outputs(
-        result, eval_dir=ctx.layout.evaluation(arch), metrics_file=ctx.layout.metrics(arch),
-        plots_dir=ctx.layout.plots(arch), primary=p.explain.composite,
-    )
-    return {"summary": result.summary[p.explain.composite]}
-
-
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(ctx: Context, flow_run: dict[str, str]) -> dict[str, Any]:
     """Log params, metrics, tables, figures and models to MLflow (runs FINISHED only when whole)."""
@@ -331,20 +276,28 @@ def train_flow(params_path: str = "params.yaml", model: str = "small_resnet") ->
 
 @flow(name="explain", log_prints=True)
 def explain_flow(params_path: str = "params.yaml", model: str = "small_resnet") -> dict[str, Any]:
-    """DVC stage ``explain@<model>``."""
+    """DVC stage ``explain@<model>``: one ``explain-shard`` task per shard (runtime.task_runner)."""
+    from flows.scaleout import dispatcher
+    from flows.shards import run_explain
+
     ctx = load_context(params_path)
     _require_arch(ctx, model)
     require_data(ctx)
-    return explain_task(ctx, model)
+    with dispatcher(ctx.params.runtime) as dispatch:
+        return run_explain(ctx, model, dispatch)
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(params_path: str = "params.yaml", model: str = "small_resnet") -> dict[str, Any]:
-    """DVC stage ``evaluate@<model>``."""
+    """DVC stage ``evaluate@<model>``: one ``evaluate-shard`` task per explanation shard."""
+    from flows.scaleout import dispatcher
+    from flows.shards import run_evaluate
+
     ctx = load_context(params_path)
     _require_arch(ctx, model)
     require_data(ctx)
-    return evaluate_task(ctx, model)
+    with dispatcher(ctx.params.runtime) as dispatch:
+        return run_evaluate(ctx, model, dispatch)
 
 
 @flow(name="report", log_prints=True)
@@ -389,17 +342,21 @@ def lrp_pipeline(
         update_progress_artifact(artifact, 100.0 * done / total)
         logger.info("stage %d/%d done: %s", done, total, what)
 
+    from flows.scaleout import dispatcher
+    from flows.shards import run_evaluate, run_explain
+
     data_task(ctx)
     step("data")
     results: dict[str, Any] = {}
-    for arch in archs:
-        train = train_task(ctx, arch)
-        step(f"train {arch}")
-        explain_task(ctx, arch)
-        step(f"explain {arch}")
-        ev = evaluate_task(ctx, arch)
-        step(f"evaluate {arch}")
-        results[arch] = {"val_accuracy": train["val_accuracy"], **ev["summary"]}
+    with dispatcher(ctx.params.runtime) as dispatch:  # one Dask cluster for the whole run
+        for arch in archs:
+            train = train_task(ctx, arch)
+            step(f"train {arch}")
+            run_explain(ctx, arch, dispatch)
+            step(f"explain {arch}")
+            ev = run_evaluate(ctx, arch, dispatch)
+            step(f"evaluate {arch}")
+            results[arch] = {"val_accuracy": train["val_accuracy"], **ev["summary"]}
     report = report_task(ctx, _flow_run_info())
     step("report")
     return {"outputs": str(ctx.layout.root), "metrics": results, "mlflow": report}

@@ -13,6 +13,7 @@ shards as tasks, possibly on Dask workers (``flows.shards``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -667,12 +668,20 @@ def _composite_names() -> set[str]:
     return set(composites.names())
 
 
+@functools.cache
 def _engine_version() -> str:
+    """The engine's version plus a hash of its source: shards made by other engine code are stale
+    (the same rule DVC applies to the ``lrp`` dependency of the explain stage)."""
     try:
         import lrp
     except ImportError:
         return "unavailable"
-    return str(getattr(lrp, "__version__", "unknown"))
+    root = Path(lrp.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return f"{getattr(lrp, '__version__', 'unknown')}+{h.hexdigest()[:12]}"
 
 
 def dataset_id(dataset: Dataset) -> str:

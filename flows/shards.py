@@ -195,17 +195,26 @@ def explain_one_shard(
     return outcome
 
 
-# The task wraps a module-level function of another name: cloudpickle then ships the function by
-# reference, so a Dask worker runs it with this module's real globals (caches, locks).
-explain_shard_task = register_shard_task(
-    task(
-        name="explain-shard",
-        task_run_name="explain-{arch}-{plan.method}-{spec.k}",
-        retries=SHARD_RETRIES,
-        retry_delay_seconds=RETRY_DELAY_S,
-        retry_condition_fn=_retry_condition,
-        cache_policy=NO_CACHE,
-    )(explain_one_shard)
+def _shard_task(name: str, run_name: str, fn: Any) -> Any:
+    """A retried, registered shard task around ``fn``.
+
+    The task wraps a module-level function of another name: cloudpickle then ships the function
+    by reference, so a Dask worker runs it with this module's real globals (caches, locks).
+    """
+    return register_shard_task(
+        task(
+            name=name,
+            task_run_name=run_name,
+            retries=SHARD_RETRIES,
+            retry_delay_seconds=RETRY_DELAY_S,
+            retry_condition_fn=_retry_condition,
+            cache_policy=NO_CACHE,
+        )(fn)
+    )
+
+
+explain_shard_task = _shard_task(
+    "explain-shard", "explain-{arch}-{plan.method}-{spec.k}", explain_one_shard
 )
 
 
@@ -291,15 +300,8 @@ def evaluate_one_shard(
     return True
 
 
-evaluate_shard_task = register_shard_task(
-    task(
-        name="evaluate-shard",
-        task_run_name="evaluate-{arch}-{job.method}-{job.start}",
-        retries=SHARD_RETRIES,
-        retry_delay_seconds=RETRY_DELAY_S,
-        retry_condition_fn=_retry_condition,
-        cache_policy=NO_CACHE,
-    )(evaluate_one_shard)
+evaluate_shard_task = _shard_task(
+    "evaluate-shard", "evaluate-{arch}-{job.method}-{job.start}", evaluate_one_shard
 )
 
 

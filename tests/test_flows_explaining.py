@@ -128,3 +128,15 @@ def test_baseline_method(model, dataset, tmp_path: Path) -> None:
     assert data["relevance"].shape == (12, 3, 32, 32) and np.all(np.isnan(data["conservation"]))
     with pytest.raises(Exception, match="unknown method"):
         _run(model, dataset, tmp_path / "x", method="no-such-method")
+
+
+def test_changed_engine_source_recomputes(model, dataset, tmp_path: Path, monkeypatch) -> None:
+    """Shards made by other engine code are stale, as DVC's ``lrp`` dependency says."""
+    import flows.explaining as ex
+
+    version = ex._engine_version()
+    assert "+" in version and len(version.split("+")[1]) == 12  # version + source hash
+    _run(model, dataset, tmp_path)
+    monkeypatch.setattr(ex, "_engine_version", lambda: version + "-edited")
+    index = _run(model, dataset, tmp_path)
+    assert index.skipped == [] and len(index.written) == 3

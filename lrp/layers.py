@@ -141,21 +141,13 @@ class LinearRuleLayer(nn.Module):
         assert self.scale is not None
         return self.scale.view(-1, *([1] * (like.ndim - 2))) if like.ndim > 2 else self.scale
 
-    def _bias_view(self, like: Tensor) -> Tensor:
-        assert self.bias is not None
-        return self.bias.view(-1, *([1] * (like.ndim - 2))) if like.ndim > 2 else self.bias
-
-    def affine(self, x: Tensor, bias: bool = True) -> Tensor:
-        """The layer's output ``op(x, W) * scale + bias`` (``bias=False``: without the bias)."""
-        if self.scale is None:
-            return self.op(x, self.weight, self.bias if bias else None)
+    def linear(self, x: Tensor) -> Tensor:
+        """The layer's output without its bias, ``op(x, W) * scale`` (no folded weight made)."""
         z = self.op(x, self.weight)
-        if bias and self.bias is not None:  # in place: one pass, no new activation tensor
-            return torch.addcmul(self._bias_view(z), z, self._scale_view(z), out=z)
-        return z.mul_(self._scale_view(z))
+        return z if self.scale is None else z.mul_(self._scale_view(z))
 
-    def affine_transpose(self, g: Tensor, x: Tensor) -> Tensor:
-        """Transpose of :meth:`affine`'s linear part applied to ``g`` (``x`` gives the shape)."""
+    def linear_transpose(self, g: Tensor, x: Tensor) -> Tensor:
+        """Transpose of :meth:`linear` applied to ``g`` (``x`` gives the shape)."""
         if self.scale is not None:
             g = g * self._scale_view(g)
         return self.op.transpose(g, self.weight, x)

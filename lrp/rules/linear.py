@@ -2,7 +2,7 @@
 
 Every rule here is a modified gradient: the forward stores the denominators the rule needs, the
 backward applies the transposed operator once per contribution term. ``layer`` is a
-:class:`lrp.layers.LinearRuleLayer` (its ``op``, ``affine``/``affine_transpose`` with the true
+:class:`lrp.layers.LinearRuleLayer` (its ``op``, ``linear``/``linear_transpose`` with the true
 weights, ``input_nonnegative`` and ``cache``); ``p`` holds the modified weights that
 :meth:`LinearRule.prepare` made from the BatchNorm-folded weight.
 """
@@ -69,12 +69,12 @@ class Epsilon(LinearRule):
 
     def forward(self, layer, p, x, z):
         if self.zero_bias and layer.bias is not None:
-            z = layer.affine(x, bias=False)
+            z = layer.linear(x)
         return (stabilize(z, self.epsilon),)
 
     def backward(self, layer, p, x, saved, relevance):
         (den,) = saved  # private to this layer and used once: divide into its storage
-        return layer.affine_transpose(torch.div(relevance, den, out=den), x).mul_(x)
+        return layer.linear_transpose(torch.div(relevance, den, out=den), x).mul_(x)
 
 
 class LRP0(Epsilon):
@@ -254,7 +254,7 @@ class ZBox(LinearRule):
     def forward(self, layer, p, x, z):
         op = layer.op
         low, high = self._bound(self.low, x), self._bound(self.high, x)
-        den = layer.affine(x, bias=False) - op(low, p["wp"]) - op(high, p["wn"])
+        den = layer.linear(x) - op(low, p["wp"]) - op(high, p["wn"])
         return (stabilize(den, self.stabilizer),)
 
     def backward(self, layer, p, x, saved, relevance):
@@ -262,7 +262,7 @@ class ZBox(LinearRule):
         s = relevance / saved[0]
         low, high = self._bound(self.low, x), self._bound(self.high, x)
         return (
-            x * layer.affine_transpose(s, x)
+            x * layer.linear_transpose(s, x)
             - low * op.transpose(s, p["wp"], x)
             - high * op.transpose(s, p["wn"], x)
         )

@@ -121,7 +121,10 @@ def batchnorm_affine(linear: nn.Module, bn: nn.Module) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def fold_batchnorm_into(linear: nn.Module, bn: nn.Module) -> None:
     """Fold eval-mode BatchNorm ``bn`` (which follows ``linear``) into ``linear``'s parameters."""
-    scale, bias = batchnorm_affine(linear, bn)
+    _set_folded(linear, *batchnorm_affine(linear, bn))
+
+
+def _set_folded(linear: nn.Module, scale: Tensor, bias: Tensor) -> None:
     shape = (-1,) + (1,) * (linear.weight.ndim - 1)
     # new Parameters: the explainer's copy shares the user's tensors, which must stay untouched
     linear.weight = nn.Parameter(linear.weight * scale.view(shape), requires_grad=False)
@@ -132,10 +135,7 @@ def materialize_folded_batchnorm(linear: nn.Module) -> None:
     """Turn a fold recorded by ``fold_batchnorms(..., materialize=False)`` into folded weights."""
     fold = linear.__dict__.pop(FOLD_ATTRIBUTE, None)
     if fold is not None:
-        scale, bias = fold
-        shape = (-1,) + (1,) * (linear.weight.ndim - 1)
-        linear.weight = nn.Parameter(linear.weight * scale.view(shape), requires_grad=False)
-        linear.bias = nn.Parameter(bias, requires_grad=False)
+        _set_folded(linear, *fold)
 
 
 def _can_fold(linear: nn.Module, bn: nn.Module) -> bool:

@@ -575,3 +575,22 @@ def test_validate_false_gives_same_result_and_skips_value_checks() -> None:
     assert torch.isfinite(out.relevance[[0, 2]]).all()
     with pytest.raises(lrp.InvalidInputError, match="dimensions"):  # shapes are still checked
         explainer(torch.randn(3, 8, 8, dtype=F64), validate=False)
+
+
+def test_folded_layer_under_a_module_rule_keeps_the_model_function() -> None:
+    """A conv whose BatchNorm was folded but that gets a weight-free rule runs its own forward:
+    the fold is materialised into its (private) weights, so the copy still computes the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)
+    ).to(F64).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 1.5)
+        model[1].weight.normal_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    explainer = lrp.Explainer(model, {"0": lrp.rules.Pass(), nn.Linear: lrp.rules.Epsilon()})
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    torch.testing.assert_close(explainer(x, 0).logits, model(x).detach(), rtol=1e-12, atol=1e-12)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)  # the user's model is untouched

@@ -8,9 +8,15 @@
 """
 
 from . import composites, rules
-from .canonizers import register_container
+from .tracing import register_container
 from .composites import Composite
-from .errors import InvalidInputError, LRPError, UnresolvedStructureError, UnsupportedLayerError
+from .errors import (
+    InvalidInputError,
+    LRPError,
+    UnresolvedStructureError,
+    UnsupportedLayerError,
+    UnsupportedOperationError,
+)
 from .explainer import Explainer, Explanation, conservation
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "LRPError",
     "UnresolvedStructureError",
     "UnsupportedLayerError",
+    "UnsupportedOperationError",
     "composites",
     "conservation",
     "register_container",

@@ -8,7 +8,6 @@
 """
 
 from . import composites, rules
-from .tracing import register_container
 from .composites import Composite
 from .errors import (
     InvalidInputError,
@@ -18,6 +17,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .explainer import Explainer, Explanation, conservation
+from .tracing import register_container
 
 __all__ = [
     "Composite",

@@ -506,7 +506,9 @@ class _Builder:
             self.replaced[node] = prev
 
     def find_stem_pool(self) -> fx.Node | None:
-        """The first max-pool, if no residual merge comes before it (Otsuki et al.'s stem pool)."""
+        """Otsuki et al.'s stem pool: the first max-pool, if it is a 3x3 stride-2 pool with
+        padding 1 (the ResNet stem's, whose output a 2x2 average pool reproduces) and no residual
+        merge comes before it. Other max-pools stay winner-takes-all."""
         if self.s.composite.stem_pool is None:
             return None
         for node in self.graph.nodes:
@@ -514,9 +516,17 @@ class _Builder:
                 continue
             kind = self.kinds.get(node)
             if kind and kind[0] == "module" and issubclass(kind[1], MAXPOOL_MODULES):
-                return node
+                m = self.module(node)
+                hyper = (getattr(m, "kernel_size", None), getattr(m, "stride", None),
+                         getattr(m, "padding", None), getattr(m, "dilation", 1))
+                return node if _is_stem_pool(*hyper) else None
             if node.op == "call_function" and node.target in MAXPOOL_FUNCTIONS:
-                return node
+                norm = normalize_function(node.target, node.args, node.kwargs,
+                                          normalize_to_only_use_kwargs=True)
+                k = norm.kwargs if norm is not None else {}
+                hyper = (k.get("kernel_size"), k.get("stride"), k.get("padding", 0),
+                         k.get("dilation", 1))
+                return node if _is_stem_pool(*hyper) else None
             if _arith(node) in ("add", "sub") and sum(
                 a in self.dep for a in node.all_input_nodes
             ) >= 2:
@@ -759,7 +769,7 @@ class _Builder:
 
     def finish_merges(self) -> None:
         for node, terms in self.pending_merges.items():
-            nodes = [t for t, _ in terms]
+            nodes = [self.resolve(t) or t for t, _ in terms]
             identity = [
                 any(j != i and self.is_ancestor(nodes[i], nodes[j]) for j in range(len(nodes)))
                 for i in range(len(nodes))
@@ -873,6 +883,14 @@ class _Builder:
                 continue
             with self.graph.inserting_after(live):
                 self.graph.call_function(record_relevance, (live, path))
+
+
+def _is_stem_pool(kernel: Any, stride: Any, padding: Any, dilation: Any) -> bool:
+    def pair(v: Any) -> tuple:
+        return tuple(v) if isinstance(v, list | tuple) else (v, v)
+
+    return (pair(kernel), pair(stride if stride is not None else kernel), pair(padding),
+            pair(dilation)) == ((3, 3), (2, 2), (1, 1), (1, 1))
 
 
 def _private_output(module: nn.Module) -> bool:

@@ -325,6 +325,7 @@ class _Builder:
         self.options = settings.composite.options
         self.rules: dict[str, Rule] = {}
         self.display: dict[str, str] = {}  # engine-made module targets -> path shown to users
+        self.owners: dict[str, str] = {}  # engine-made module targets -> the owning module
         self.replaced: dict[fx.Node, fx.Node] = {}
         self.folds: dict[str, tuple[Tensor, Tensor]] = {}
         self.counter = 0
@@ -344,21 +345,27 @@ class _Builder:
         return scope(node)
 
     def where(self, node: fx.Node) -> str:
-        """"Type at 'path' (file:line: code)" for error messages."""
-        path = self.path(node)
+        """"'op' in Type at 'path' (file:line: code)" for error messages."""
+        target = str(node.target)
+        made = node.op == "call_module" and target in self.display
+        owner_path = scope(node) if node.op != "call_module" or made else target
+        if made:
+            owner_path = self.owners.get(target, "")
         try:
-            owner = type(self.root.get_submodule(path if node.op != "call_module" else
-                                                 str(node.target))).__name__
+            owner = type(self.root.get_submodule(owner_path)).__name__
         except AttributeError:
             owner = type(self.root).__name__
+        op = f"'{self.display[target].rpartition('.')[2]}' in " if made else ""
         src = source(node)
-        return f"{owner} at '{path or '<root>'}'" + (f" ({src})" if src else "")
+        return f"{op}{owner} at '{owner_path or '<root>'}'" + (f" ({src})" if src else "")
 
-    def new_target(self, module: nn.Module, display: str) -> str:
+    def new_target(self, module: nn.Module, node: fx.Node) -> str:
+        """Register an engine-made module for ``node``; shown as 'owner path.op name'."""
         self.counter += 1
         name = f"_lrp_{self.counter}"
         self.root.add_module(name, module)
-        self.display[name] = display
+        self.owners[name] = scope(node)
+        self.display[name] = ".".join(p for p in (scope(node), node.name) if p)
         return name
 
     def replace(self, node: fx.Node, new: fx.Node) -> None:
@@ -473,8 +480,7 @@ class _Builder:
             module = _layer_module(node.target, values)
             if module is None:
                 raise self.unsupported(node, f"'{_op_name(node)}' in training mode")
-            display = ".".join(p for p in (scope(node), node.name) if p)
-            target = self.new_target(module, display)
+            target = self.new_target(module, node)
             with self.graph.inserting_before(node):
                 new = self.graph.call_module(target, (x,))
             self.kinds[new] = ("module", type(module))
@@ -493,7 +499,8 @@ class _Builder:
             if not (isinstance(prev, fx.Node) and prev.op == "call_module"):
                 continue
             lin, bn = self.module(prev), self.module(node)
-            if len(prev.users) != 1 or uses[str(prev.target)] != 1 or uses[str(node.target)] != 1:
+            if (self.value_users(prev) != 1 or uses[str(prev.target)] != 1
+                    or uses[str(node.target)] != 1):
                 continue
             if str(prev.target) in self.folds or not can_fold(lin, bn):
                 continue
@@ -662,11 +669,11 @@ class _Builder:
             raise self.unsupported(node, f"'{_op_name(node)}' of several input-dependent tensors")
         args = self.constant(tuple(rest))
         kwargs = self.constant(dict(node.kwargs))
-        display = ".".join(p for p in (scope(node), node.name) if p)
-        module = FunctionModule(fn, args, kwargs)
         assert isinstance(rule, ModuleRule)
-        self.rules[display] = rule
-        target = self.new_target(ModuleRuleLayer(module, rule, display), display)
+        layer = ModuleRuleLayer(FunctionModule(fn, args, kwargs), rule)
+        target = self.new_target(layer, node)
+        layer.path = self.display[target]
+        self.rules[layer.path] = rule
         with self.graph.inserting_before(node):
             new = self.graph.call_module(target, (x,))
         self.kinds[new] = ("function", fn)
@@ -683,7 +690,8 @@ class _Builder:
             terms: list[tuple[fx.Node, float]] = []
             for arg, coef in ((a, 1.0), (b, sign * alpha)):
                 inner = self.pending_merges.get(arg)
-                if inner is not None and len(arg.users) == 1 and not self.is_module_output(arg):
+                if (inner is not None and self.value_users(arg) == 1
+                        and not self.is_module_output(arg)):
                     terms.extend((t, c * coef) for t, c in inner)
                     del self.pending_merges[arg]
                 else:
@@ -705,6 +713,10 @@ class _Builder:
         self.kinds[new] = ("bias", None)
         self.dep.add(new)
         self.replace(node, new)
+
+    def value_users(self, node: fx.Node) -> int:
+        """How many nodes read ``node``'s values (shape queries do not)."""
+        return sum(1 for u in node.users if u in self.dep or u.op == "output")
 
     def is_module_output(self, node: fx.Node) -> bool:
         return any(n is node for _, n in self.outputs)
@@ -780,7 +792,7 @@ class _Builder:
                 identity=[identity[i] for i in order],
                 coefficients=[terms[i][1] for i in order],
             )
-            target = self.new_target(merge, ".".join(p for p in (scope(node), node.name) if p))
+            target = self.new_target(merge, node)
             with self.graph.inserting_before(node):
                 new = self.graph.call_module(target, tuple(nodes[i] for i in order))
             self.kinds[new] = ("merge", None)
@@ -868,7 +880,7 @@ class _Builder:
             ok = (
                 isinstance(prev, fx.Node)
                 and prev.op == "call_module"
-                and len(prev.users) == 1
+                and self.value_users(prev) == 1
                 and _private_output(self.module(prev))
             )
             candidates.setdefault(id(m), []).append(ok)

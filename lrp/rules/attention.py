@@ -53,7 +53,9 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     lead = t.ndim - len(shape)
     if lead:
         t = t.sum(dim=tuple(range(lead)))
-    dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if b == 1 and a != 1)
+    dims = tuple(
+        i for i, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if b == 1 and a != 1
+    )
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
@@ -290,15 +292,15 @@ def _bias(scores: Tensor, bias: Tensor | None) -> Tensor:
     return scores if bias is None else scores + bias
 
 
-def _sdpa_bias(
-    q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool
-) -> Tensor | None:
+def _sdpa_bias(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor | None:
     """The additive logit bias of ``F.scaled_dot_product_attention`` (bool mask: True attends)."""
     L, S = q.shape[-2], k.shape[-2]
     bias = None
     if is_causal:
         if attn_mask is not None:
-            raise InvalidInputError("scaled_dot_product_attention: attn_mask and is_causal both set")
+            raise InvalidInputError(
+                "scaled_dot_product_attention: attn_mask and is_causal both set"
+            )
         keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         bias = torch.zeros(L, S, dtype=q.dtype, device=q.device).masked_fill(~keep, -math.inf)
     elif attn_mask is not None:
@@ -345,6 +347,8 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     bias = _sdpa_bias(q, k, attn_mask, is_causal)
+    if mode == "cp":  # constants: autograd then never runs the q/k branches (not even with zeros)
+        q, k = q.detach(), k.detach()
     return _SDPARule.apply(q, k, v, attn_mask, is_causal, float(scale), bias, mode, float(epsilon))
 
 
@@ -364,9 +368,7 @@ def _view_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
 def _float_mask(mask: Tensor, dtype: torch.dtype, name: str, path: str) -> Tensor:
     """MHA semantics: a bool mask is True where attention is *not* allowed; float masks add."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            mask, -math.inf
-        )
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
     if not torch.is_floating_point(mask):
         raise InvalidInputError(
             f"nn.MultiheadAttention at '{path}': {name} must be bool or float, got {mask.dtype}"
@@ -454,7 +456,9 @@ class MultiheadAttentionLRP(nn.Module):
                 f"{where} has dropout={self.dropout} in training mode: explain in eval mode"
             )
         if is_causal and attn_mask is None:
-            raise InvalidInputError(f"{where}: is_causal=True needs attn_mask (a hint, as in torch)")
+            raise InvalidInputError(
+                f"{where}: is_causal=True needs attn_mask (a hint, as in torch)"
+            )
         batched = query.dim() == 3
         if not batched:  # (L, E): one sample
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -479,11 +483,13 @@ class MultiheadAttentionLRP(nn.Module):
             kpm = _float_mask(key_padding_mask, q.dtype, "key_padding_mask", self.path)
             kpm = kpm.view(N, 1, 1, S)
             bias = kpm if bias is None else bias + kpm
-        scale = 1.0 / math.sqrt(D)
         attn = None
-        if need_weights:  # torch's explicit path (it returns the weights)
-            out, attn = _attend(q, k, v, bias, scale, self.mode, self.epsilon)
+        if self.mode == "cp":  # as in scaled_dot_product_attention: q, k branches never run
+            q, k = q.detach(), k.detach()
+        if need_weights:  # torch's explicit path (it returns the weights; q * sqrt(1 / D) first)
+            out, attn = _attend(q, k, v, bias, math.sqrt(1.0 / D), self.mode, self.epsilon)
         else:  # torch's fused path: F.scaled_dot_product_attention with the merged float mask
+            scale = 1.0 / math.sqrt(D)
             out = _SDPARule.apply(q, k, v, bias, False, scale, bias, self.mode, self.epsilon)
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))
         if not batched:

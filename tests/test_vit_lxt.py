@@ -293,3 +293,119 @@ def test_lxt_cp_conserves_on_the_bias_free_vit(lxt: types.SimpleNamespace) -> No
     xg = x.clone().requires_grad_(True)  # unpatched gradient x input is not conservative
     model(xg).gather(1, t[:, None]).sum().backward()
     assert ((xg.detach() * xg.grad).sum((1, 2, 3)) - logit).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# a hand-built prepared copy of the torchvision ViT (until the engine's graph pass lands): the
+# attention module under test inside a whole model, the other parts by test-local rules
+
+
+class _BiasAdd(torch.autograd.Function):
+    """x + b with b constant: the epsilon-0 rule of a bias (b absorbs its share)."""
+
+    @staticmethod
+    def forward(ctx, x, b):
+        z = x + b
+        ctx.save_for_backward(x, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, r):
+        x, z = ctx.saved_tensors
+        return r * x / z, None
+
+
+class _Residual(torch.autograd.Function):
+    """a + b split in proportion to the signed branches (LXT) or to |a|, |b| (METHOD.md sec. 3)."""
+
+    @staticmethod
+    def forward(ctx, a, b, absolute):
+        ctx.absolute = absolute
+        ctx.save_for_backward(a, b)
+        return a + b
+
+    @staticmethod
+    def backward(ctx, r):
+        a, b = ctx.saved_tensors
+        if ctx.absolute:
+            a, b = a.abs(), b.abs()
+        return r * a / (a + b), r * b / (a + b), None
+
+
+class _LayerNormStd(torch.autograd.Function):
+    """LayerNorm with the std held constant, epsilon 0 on the affine chain (Ali et al. 2022)."""
+
+    @staticmethod
+    def forward(ctx, x, ln):
+        mean = x.mean(-1, keepdim=True)
+        std = (x.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+        y = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        ctx.save_for_backward(x, y, std, ln.weight)
+        del mean
+        return y
+
+    @staticmethod
+    def backward(ctx, r):
+        x, y, std, w = ctx.saved_tensors
+        g = r / y * w / std
+        return x * (g - g.mean(-1, keepdim=True)), None
+
+
+class _Pass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fn):
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, r):
+        return r, None
+
+
+def prepared_vit_relevance(
+    model: VisionTransformer, x: Tensor, target: Tensor, attention: str, absolute: bool
+) -> Tensor:
+    """Relevance at the pixels through a hand-built prepared copy; attention by the module
+    under test (:class:`MultiheadAttentionLRP`), linear layers by :class:`LinearRuleLayer`
+    with the epsilon rule at epsilon 0."""
+    from lrp.layers import LinearRuleLayer
+    from lrp.rules.attention import MultiheadAttentionLRP
+    from lrp.rules.linear import Epsilon
+
+    def lin(m: nn.Module, path: str = "") -> nn.Module:
+        return LinearRuleLayer(m, Epsilon(0.0), path)
+
+    x = x.clone().requires_grad_(True)
+    n = x.shape[0]
+    h = lin(model.conv_proj)(x).reshape(n, model.hidden_dim, -1).permute(0, 2, 1)
+    h = torch.cat([model.class_token.expand(n, -1, -1), h], dim=1)
+    h = _BiasAdd.apply(h, model.encoder.pos_embedding)
+    for i, block in enumerate(model.encoder.layers):
+        attn = MultiheadAttentionLRP(
+            block.self_attention, lin, f"l{i}", mode=attention, epsilon=0.0
+        )
+        a = _LayerNormStd.apply(h, block.ln_1)
+        a, _ = attn(a, a, a, need_weights=False)
+        h = _Residual.apply(a, h, absolute)
+        m = _LayerNormStd.apply(h, block.ln_2)
+        m = lin(block.mlp[3])(_Pass.apply(lin(block.mlp[0])(m), block.mlp[1]))
+        h = _Residual.apply(h, m, absolute)
+    h = _LayerNormStd.apply(h, model.encoder.ln)[:, 0]
+    logits = lin(model.heads.head)(h)
+    torch.testing.assert_close(logits, model(x), rtol=1e-12, atol=1e-12)
+    out = logits.gather(1, target[:, None])
+    (rel,) = torch.autograd.grad(out, x, out.detach())
+    return rel
+
+
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+def test_hand_prepared_vit_with_the_attention_module_equals_lxt(
+    lxt: types.SimpleNamespace, attention: str
+) -> None:
+    """Same rules everywhere (signed residual split, epsilon 0): the maps agree to ~1e-9."""
+    model = small_vit()
+    x, t = _input()
+    ours = prepared_vit_relevance(model, x, t, attention, absolute=False).flatten(1)
+    theirs = lxt_relevance(lxt, model, x, t, attention).flatten(1)
+    cos = F.cosine_similarity(ours, theirs, dim=1)
+    assert (cos > 1 - 1e-9).all(), cos
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9 * theirs.abs().max())

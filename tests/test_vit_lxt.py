@@ -409,3 +409,54 @@ def test_hand_prepared_vit_with_the_attention_module_equals_lxt(
     cos = F.cosine_similarity(ours, theirs, dim=1)
     assert (cos > 1 - 1e-9).all(), cos
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9 * theirs.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine's explainer (needs the graph pass and the epsilon-transformer composite)
+
+
+def _engine_has_transformers() -> bool:
+    from lrp import composites
+
+    return "epsilon-transformer" in composites.names()
+
+
+@pytest.mark.skipif(
+    not _engine_has_transformers(), reason="engine graph pass (epsilon-transformer) not merged"
+)
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+def test_explainer_matches_lxt_on_torchvision_vit(
+    lxt: types.SimpleNamespace, attention: str
+) -> None:
+    """``lrp.Explainer(..., composite="epsilon-transformer", attention=...)`` against LXT.
+
+    Same rules only with ``residual="proportional"`` (signed shares: the epsilon rule on the
+    addition, AttnLRP Eq. 8, which is what LXT's gradient gives) and a tiny epsilon (LXT has
+    none on linear layers). With the engine's default ``residual="splitting"`` (shares by
+    |h_i|) the hand-built copy above reaches only cosine 0.02-0.46 on this random-weight ViT.
+    """
+    import lrp
+
+    model = small_vit()
+    x, t = _input()
+    theirs = lxt_relevance(lxt, model, x, t, attention).flatten(1)
+    explainer = lrp.Explainer(
+        model,
+        composite="epsilon-transformer",
+        attention=attention,
+        residual="proportional",
+        epsilon=1e-12,
+    )
+    ours = explainer(x, t).relevance.flatten(1)
+    cos = F.cosine_similarity(ours, theirs, dim=1)
+    assert (cos > 0.999).all(), cos
+
+
+def test_small_vit_builder() -> None:
+    from lrp.models import small_vit as zoo_vit
+
+    model = zoo_vit(num_classes=5).eval()
+    assert (model.image_size, model.patch_size, len(model.encoder.layers)) == (64, 8, 4)
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+    with pytest.raises(AssertionError, match="64"):  # fixed position embeddings
+        model(torch.zeros(1, 3, 32, 32))

@@ -259,6 +259,19 @@ def test_matmul_cp_holds_the_first_factor_constant(eps: float) -> None:
         torch.testing.assert_close(rb.sum((1, 2)), R.sum((1, 2)), rtol=1e-11, atol=1e-12)
 
 
+def test_matmul_attnlrp_with_one_constant_factor_is_linear_in_the_other() -> None:
+    torch.manual_seed(8)
+    a = torch.randn(2, 3, 4, dtype=DT, requires_grad=True)
+    b = torch.randn(2, 4, 5, dtype=DT)  # a constant (no grad)
+    R = torch.randn(2, 3, 5, dtype=DT)
+    z = matmul(a, b, "attnlrp", 0.1)
+    torch.testing.assert_close(z, a @ b, rtol=0, atol=0)
+    (ra,) = _relevance(z, (a,), R)
+    for n in range(2):  # z^T = b^T a^T is linear in a^T with b^T constant
+        ea = explicit_const_first(b[n].T, a[n].detach().T, R[n].T, 0.1).T
+        torch.testing.assert_close(ra[n], ea, rtol=1e-11, atol=1e-12)
+
+
 def test_scale_pass_moves_relevance_unchanged() -> None:
     x = torch.randn(3, 2, dtype=DT, requires_grad=True)
     R = torch.randn(3, 2, dtype=DT)

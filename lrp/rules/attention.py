@@ -172,7 +172,9 @@ class _MatmulConstFirst(torch.autograd.Function):
 def matmul(a: Tensor, b: Tensor, mode: str = "attnlrp", epsilon: float = 1e-6) -> Tensor:
     """``torch.matmul(a, b)`` of two input-dependent tensors (both at least 2-D), with a rule.
 
-    ``"attnlrp"``: uniform rule, half of the relevance to each factor, each by the epsilon rule.
+    ``"attnlrp"``: uniform rule, half of the relevance to each factor, each by the epsilon rule;
+    if only one factor requires grad the product is linear in it and it gets all relevance
+    (epsilon rule), as LXT's ``mul2`` does, instead of losing half to a constant.
     ``"cp"``: ``a`` is held constant (it is the attention matrix in ``attn @ v``) and all relevance
     goes to ``b`` by the epsilon rule. For ``q @ k^T`` under CP the choice is immaterial: its only
     consumer is the CP softmax, whose output is detached, so autograd never reaches this product
@@ -185,8 +187,12 @@ def matmul(a: Tensor, b: Tensor, mode: str = "attnlrp", epsilon: float = 1e-6) -
         )
     if epsilon < 0:
         raise InvalidInputError(f"attention matmul: epsilon must be >= 0, got {epsilon}")
-    if mode == "cp":
+    if mode == "cp" or not a.requires_grad:
         return _MatmulConstFirst.apply(a, b, float(epsilon))
+    if not b.requires_grad:  # a product with a constant is linear: all relevance to a
+        return _MatmulConstFirst.apply(
+            b.transpose(-1, -2), a.transpose(-1, -2), float(epsilon)
+        ).transpose(-1, -2)
     return _MatmulUniform.apply(a, b, float(epsilon))
 
 

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from lrp.errors import InvalidInputError, UnsupportedLayerError
 from lrp.layers import LinearRuleLayer
 from lrp.rules.attention import (
+    FUNCTIONS,
+    METHODS,
     MultiheadAttentionLRP,
     matmul,
     scale_pass,
@@ -543,3 +545,18 @@ def test_mha_dropout_in_training_mode_is_refused() -> None:
         lrp_m(x, x, x)
     lrp_m.eval()
     torch.testing.assert_close(lrp_m(x, x, x)[0], m.eval()(x, x, x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_graph_pass_maps_keep_the_forward(mode: str) -> None:
+    q, k, v = _qkv(15)
+    kt = k.transpose(-2, -1)
+    for target, rule in FUNCTIONS.items():
+        if target is F.scaled_dot_product_attention:
+            args, kw = (q, k, v), {"mode": mode, "epsilon": 1e-6}
+        elif rule is softmax:
+            args, kw = (q, -1), {"mode": mode}
+        else:
+            args, kw = (q.flatten(0, 1), kt.flatten(0, 1)), {"mode": mode, "epsilon": 1e-6}
+        torch.testing.assert_close(rule(*args, **kw), target(*args), rtol=0, atol=0)
+    assert METHODS["softmax"] is softmax and METHODS["matmul"] is matmul

@@ -27,6 +27,7 @@ diagonal linear map: relevance passes unchanged.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -507,3 +508,21 @@ class MultiheadAttentionLRP(nn.Module):
         if average_attn_weights:
             attn = attn.mean(dim=1)
         return out, attn.squeeze(0) if not batched else attn
+
+
+# ---------------------------------------------------------------------------------------------
+# what the graph pass maps (fx call_function targets and call_method names) to the rules above
+
+#: call_function targets -> rule function, called as ``rule(*args, mode=..., epsilon=...)``
+#: (softmax: ``softmax(x, dim, mode=..., dtype=...)``, no epsilon, F.softmax's ``_stacklevel``
+#: dropped). The products apply only where both operands depend on the input (else linear).
+FUNCTIONS: dict[Any, Callable[..., Tensor]] = {
+    F.scaled_dot_product_attention: scaled_dot_product_attention,
+    torch.matmul: matmul,
+    torch.bmm: matmul,
+    operator.matmul: matmul,
+    F.softmax: softmax,
+    torch.softmax: softmax,
+}
+#: call_method names (``attn.softmax(dim=-1)``, ``q.matmul(k)``) -> rule function
+METHODS: dict[str, Callable[..., Tensor]] = {"softmax": softmax, "matmul": matmul, "bmm": matmul}

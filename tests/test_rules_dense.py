@@ -302,7 +302,7 @@ def run_rule(layer_kind: str, spec: tuple, nonneg: bool, seed: int):
     R = torch.randn(N, K, dtype=F64)
     out = e(x, output_relevance=R)
     prepared = e.prepared_model()
-    assert prepared[len(mods)].input_nonnegative is nonneg
+    assert prepared.get_submodule(str(len(mods))).input_nonnegative is nonneg
     W, b = dense_layer(layer, shape)
     xin = x.clamp(min=0) if nonneg else x
     ref = reference(rule_spec, W, b, xin.reshape(N, -1), R, low_d, high_d).reshape(x.shape)

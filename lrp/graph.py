@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from .layers import FunctionModule, LinearRuleLayer, ModuleRuleLayer
 from .rules.base import ModuleRule, Pass, Rule
 from .rules.elementwise import bias_add, gate, passthrough_of
 from .rules.linear import LinearRule
+from .rules.normalization import AffineEpsilon, GroupNormRule, LayerNormRule
 from .rules.pooling import Proportional
 from .rules.residual import ResidualMerge
 from .tracing import Traced, scope, source, trace
@@ -268,7 +269,9 @@ def record_relevance(x: Any, path: str) -> None:
     if records is None or not isinstance(x, Tensor) or not x.requires_grad:
         return
 
-    def hook(g: Tensor) -> None:
+    def hook(g: Tensor | None) -> None:
+        if g is None:  # a gate branch: no relevance reaches it
+            return
         total = g.detach().flatten(1).sum(1)
         records[path] = records[path] + total if path in records else total
 
@@ -297,7 +300,6 @@ class GraphSettings:
     residual: str
     lrn_rule: Rule
     cache_weights: bool = False
-    default_rules: Callable[[str, nn.Module], Rule | None] | None = None
 
 
 @dataclass
@@ -556,10 +558,13 @@ class _Builder:
             return Proportional(self.options["stabilizer"])
         if isinstance(module, nn.LocalResponseNorm):
             return self.s.lrn_rule
-        if self.s.default_rules is not None:
-            rule = self.s.default_rules(path, module)
-            if rule is not None:
-                return rule
+        eps, zero_bias = self.options["epsilon"], self.options["zero_bias"]
+        if isinstance(module, BATCHNORM_TYPES):  # not folded: no Linear/Conv feeds it alone
+            return AffineEpsilon(eps, zero_bias)
+        if isinstance(module, nn.GroupNorm):
+            return GroupNormRule(eps, zero_bias)
+        if isinstance(module, nn.LayerNorm):
+            return LayerNormRule(eps, zero_bias)
         where = self.where(node)
         if isinstance(module, LINEAR_TYPES):
             raise UnsupportedLayerError(f"composite '{composite.name}' assigns no rule to {where}")

@@ -138,6 +138,12 @@ def _otsuki2024(o: dict[str, Any]) -> Composite:
     )
 
 
+def _epsilon_transformer(o: dict[str, Any]) -> Composite:
+    """Transformers: epsilon on every Linear and the patch embedding; LayerNorm, attention (the
+    explainer's ``attention=``), GELU, embeddings and merges get the engine's graph rules."""
+    return Composite("epsilon-transformer", _linear_map(_eps(o), _eps(o)))
+
+
 _FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
     "lrp-0": lambda o: Composite("lrp-0", _linear_map(_lrp0(o), _lrp0(o))),
     "epsilon": lambda o: Composite("epsilon", _linear_map(_eps(o), _eps(o))),
@@ -147,6 +153,7 @@ _FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
     "epsilon-alpha2-beta1": _epsilon_alpha2_beta1,
     "epsilon-alpha2-beta1-flat": _epsilon_alpha2_beta1_flat,
     "otsuki2024": _otsuki2024,
+    "epsilon-transformer": _epsilon_transformer,
 }
 
 DEFAULT_OPTIONS: dict[str, Any] = {

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from .canonizers import BATCHNORM_TYPES, LINEAR_TYPES, batchnorm_affine, can_fol
 from .composites import Composite
 from .errors import InvalidInputError, UnsupportedLayerError, UnsupportedOperationError
 from .layers import FunctionModule, LinearRuleLayer, ModuleRuleLayer
+from .rules import attention
 from .rules.base import ModuleRule, Pass, Rule
 from .rules.elementwise import bias_add, gate, passthrough_of
 from .rules.linear import LinearRule
@@ -227,8 +228,7 @@ LAYER_FUNCTIONS = {
     F.group_norm,
     F.local_response_norm,
 }
-OUTPUT_SOFTMAX = {torch.softmax, F.softmax, F.log_softmax, torch.log_softmax}
-OUTPUT_SOFTMAX_METHODS = {"softmax", "log_softmax"}
+OUTPUT_SOFTMAX = {F.log_softmax, torch.log_softmax}
 _ARITHMETIC_METHODS = {"add": ADD, "sub": SUB, "mul": MUL, "div": DIV, "neg": NEG}
 
 
@@ -300,6 +300,7 @@ class GraphSettings:
     residual: str
     lrn_rule: Rule
     cache_weights: bool = False
+    attention: str = "attnlrp"
 
 
 @dataclass
@@ -588,6 +589,11 @@ class _Builder:
         path = self.path(node)
         if isinstance(module, ResidualMerge | LinearRuleLayer | ModuleRuleLayer):
             return
+        if isinstance(module, nn.MultiheadAttention) and path not in self.s.composite.rules:
+            self.set_module(target, attention.MultiheadAttentionLRP(
+                module, self.wrap_projection, path, mode=self.s.attention,
+                epsilon=self.options["epsilon"]))
+            return
         rule = self.module_rule(node, path, module)
         fold = self.folds.get(target)
         if fold is not None and not isinstance(rule, LinearRule):
@@ -610,6 +616,49 @@ class _Builder:
             raise InvalidInputError(f"rule for '{path}' must be a lrp.rules rule, got {rule!r}")
         self.set_module(target, wrapped)
 
+    def wrap_projection(self, linear: nn.Linear, path: str) -> nn.Module:
+        """The composite's rule on an attention projection (MultiheadAttention's in/out proj)."""
+        rule = self.s.composite.rule_for(path, linear, is_first=False)
+        if not isinstance(rule, LinearRule):
+            raise UnsupportedLayerError(
+                f"composite '{self.s.composite.name}' assigns no Linear rule to the attention "
+                f"projection '{path}'"
+            )
+        self.rules[path] = rule
+        return LinearRuleLayer(linear, rule, path, cache_weights=self.s.cache_weights)
+
+    def to_attention(self, node: fx.Node, fn: Callable[..., Tensor]) -> None:
+        """Softmax, products of input-dependent tensors and fused attention: the attention rules
+        of ``attention=`` (CP-LRP or AttnLRP)."""
+        mode = self.s.attention
+        if fn is attention.softmax:
+            if self.is_final(node):
+                raise self.softmax_error(node)
+            target = F.softmax if node.op == "call_method" else node.target
+            norm = normalize_function(target, node.args, node.kwargs,
+                                      normalize_to_only_use_kwargs=True)
+            k = dict(norm.kwargs) if norm is not None else {}
+            x = k.pop("input", node.args[0])
+            args, kwargs = (x, k.get("dim", -1)), {"mode": mode, "dtype": k.get("dtype")}
+        else:
+            args = node.args
+            kwargs = {**node.kwargs, "mode": mode, "epsilon": self.options["epsilon"]}
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(fn, args, kwargs)
+        self.kinds[new] = ("attention", fn)
+        self.dep.add(new)
+        self.replace(node, new)
+
+    def is_final(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value is the model output (up to reshapes): an output softmax."""
+        out = next(n for n in self.graph.nodes if n.op == "output").args[0]
+        while isinstance(out, fx.Node) and out is not node and out.args and (
+            (out.op == "call_method" and _method(out) in GRADIENT_METHODS)
+            or (out.op == "call_function" and out.target in GRADIENT_FUNCTIONS)
+        ):
+            out = out.args[0]
+        return out is node
+
     # ---------------------------------------------------------------- functions and methods
     def rewrite_function(self, node: fx.Node) -> None:
         dep_args = [a for a in _iter_nodes((node.args, node.kwargs)) if a in self.dep]
@@ -623,8 +672,8 @@ class _Builder:
             if name in POOL_METHODS:
                 return self.to_module_rule(node, POOL_METHODS[name], Proportional(
                     self.options["stabilizer"]))
-            if name in OUTPUT_SOFTMAX_METHODS:
-                raise self.softmax_error(node)
+            if name in attention.METHODS:
+                return self.to_attention(node, attention.METHODS[name])
         elif node.op == "call_function":
             fn = node.target
             if fn is getattr:
@@ -641,6 +690,8 @@ class _Builder:
                 return self.to_passthrough(node, fn)
             if fn in POOL_FUNCTIONS:
                 return self.to_module_rule(node, fn, Proportional(self.options["stabilizer"]))
+            if fn in attention.FUNCTIONS:
+                return self.to_attention(node, attention.FUNCTIONS[fn])
             if fn in OUTPUT_SOFTMAX:
                 raise self.softmax_error(node)
         if arith in ("add", "sub"):
@@ -652,7 +703,7 @@ class _Builder:
     def softmax_error(self, node: fx.Node) -> UnsupportedLayerError:
         return UnsupportedLayerError(
             f"softmax at {self.where(node)}: explain the logits; remove the final softmax "
-            "(use output='probability'). Attention softmax is the transformer issue's rule."
+            "(use output='probability')"
         )
 
     def to_passthrough(self, node: fx.Node, fn: Any) -> None:

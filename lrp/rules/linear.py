@@ -92,7 +92,7 @@ class Epsilon(LinearRule):
         flat = None
         if self.empty == "flat":  # stabilize() maps an exact 0 to +eps (or inf for eps = 0)
             empty = den == (self.epsilon if self.epsilon > 0 else float("inf"))
-            flat = _flat_transpose(layer, torch.where(empty, relevance, 0.0), x)
+            flat = _flat_fallback(layer, empty, relevance, x)
         r = layer.linear_transpose(torch.div(relevance, den, out=den), x).mul_(x)
         return r if flat is None else r.add_(flat)
 
@@ -155,6 +155,21 @@ class Gamma(LinearRule):
         return xp * (op.transpose(g_pos, p["wp"], x) + op.transpose(g_neg, p["wn"], x)) + xn * (
             op.transpose(g_pos, p["wn"], x) + op.transpose(g_neg, p["wp"], x)
         )
+
+
+def _flat_fallback(
+    layer: LinearRuleLayer, empty: Tensor, relevance: Tensor, x: Tensor, scale: float = 1.0
+) -> Tensor | None:
+    """The flat share of the outputs marked ``empty`` (None when there are none).
+
+    On the CPU, checking for empty outputs costs nothing and most layers have none, so the
+    spread is skipped there; on an accelerator the check would wait for the device, so the
+    spread (a channel sum and a depthwise box filter) always runs.
+    """
+    if empty.device.type == "cpu" and not bool(empty.any()):
+        return None
+    g = torch.where(empty, relevance * scale if scale != 1.0 else relevance, 0.0)
+    return _flat_transpose(layer, g, x)
 
 
 def _flat_transpose(layer: LinearRuleLayer, g: Tensor, x: Tensor) -> Tensor:
@@ -286,7 +301,7 @@ class AlphaBeta(LinearRule):
         flat = None
         if self.empty == "flat":  # before the denominator's storage is reused below
             empty = dens[0] == self._empty_value(layer, p, dens[0])
-            flat = _flat_transpose(layer, torch.where(empty, relevance * self.alpha, 0.0), x)
+            flat = _flat_fallback(layer, empty, relevance, x, self.alpha)
         # the denominators are private to this layer and used once: divide into their storage
         g_pos = torch.div(relevance, dens[0], out=dens[0])
         if self.alpha != 1.0:

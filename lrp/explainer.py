@@ -17,6 +17,7 @@ from . import composites as composites_mod
 from .canonizers import disable_inplace
 from .errors import InvalidInputError
 from .graph import GraphSettings, prepare, recording
+from .metrics.conservation import conservation_error
 from .rules.attention import MODES as ATTENTION_MODES
 from .rules.base import Rule
 from .rules.residual import resolve_mode
@@ -36,11 +37,9 @@ class Explanation:
 
 
 def conservation(explanation: Explanation) -> Tensor:
-    """Per sample, ``|sum(relevance) - initial| / |initial|`` (0 where the initial relevance is 0)."""
-    total = explanation.relevance.flatten(1).sum(1)
-    initial = explanation.initial
-    gap = (total - initial).abs()
-    return torch.where(initial == 0, gap, gap / initial.abs())
+    """Per sample, ``|sum(relevance) - initial| / |initial|`` (float64; see
+    :func:`lrp.metrics.conservation_error`, the one definition the package uses)."""
+    return conservation_error(explanation.relevance, explanation.initial)
 
 
 class Explainer:

@@ -4,6 +4,8 @@ Everything goes through :class:`MlflowClient` with explicit run ids (the fluent 
 thread-safe), URIs are made absolute so that a DVC stage, a Prefect worker and ``mlflow ui`` started
 from another directory all see the same store, and the store is checked before any work starts so
 that an unreachable server fails in a second with the params key named, not after training.
+MLflow itself is imported where it is used: the train stage only checks the store and should not
+pay the import.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import torch
+import torchvision
+
+from flows.config import MlflowParams
 
 PARAM_KEY = "mlflow.tracking_uri"
 MAX_PARAM_LEN = 6000  # MLflow 3 limit on a param value
@@ -66,6 +73,11 @@ def resolve_target(
     else:
         artifacts = default_artifacts.as_uri()
     return TrackingTarget(uri, artifacts, experiment)
+
+
+def target_for(m: MlflowParams, base_dir: str | Path) -> TrackingTarget:
+    """The resolved target of the ``mlflow`` params section."""
+    return resolve_target(m.tracking_uri, m.experiment, m.artifact_location, base_dir)
 
 
 def check_reachable(target: TrackingTarget, timeout: float = 5.0) -> None:
@@ -181,15 +193,9 @@ def log_model(run_id: str, model: Any, *, name: str = "model") -> str:
     """
     import mlflow
     import mlflow.pytorch
-    import torch
 
-    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-    try:
-        import torchvision
-
-        requirements.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
+    requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
     active = mlflow.active_run()
     if active is not None and active.info.run_id != run_id:
         raise TrackingError(f"another MLflow run ({active.info.run_id}) is active in this process")

@@ -360,5 +360,5 @@ def _check_methods(params: Params, source: str) -> None:
 def _check_engine(composite: str, options: dict[str, Any], where: str) -> None:
     try:
         lrp.Explainer(torch.nn.Identity(), composite=composite, **options)
-    except (lrp.InvalidInputError, TypeError) as exc:
+    except (lrp.LRPError, ValueError, TypeError) as exc:
         raise ParamsError(f"{where}: {exc}") from None

@@ -30,6 +30,7 @@ from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 STARTUP_TIMEOUT_S = 120
+PAGE = 200
 
 
 @contextlib.contextmanager
@@ -60,10 +61,15 @@ def task_seconds(api_url: str, since: float) -> tuple[int, float]:
             limit=200,
         )
         ids = [r.id for r in runs]
-        tasks = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)),
-            limit=10000,
-        ) if ids else []
+        tasks: list = []
+        while ids:  # the API returns at most PAGE task runs per call
+            page = client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)),
+                limit=PAGE, offset=len(tasks),
+            )
+            tasks += page
+            if len(page) < PAGE:
+                break
     seconds = sum(t.total_run_time.total_seconds() for t in tasks)
     return len(runs), seconds
 

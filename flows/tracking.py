@@ -120,22 +120,29 @@ def check_reachable(target: TrackingTarget, timeout: float = 5.0) -> None:
             ) from exc
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # UI opens on runs
+
+
 def get_experiment_id(client: Any, target: TrackingTarget) -> str:
-    """Id of the experiment, created with the explicit artifact location when missing."""
+    """Id of the experiment (created with the explicit artifact location when missing), tagged
+    as model development so the MLflow UI opens on its runs, not on the GenAI traces page."""
     exp = client.get_experiment_by_name(target.experiment)
-    if exp is not None:
+    if exp is None:
+        try:
+            experiment_id = client.create_experiment(
+                target.experiment, artifact_location=target.artifact_location
+            )
+        except Exception:  # created concurrently by another process
+            exp = client.get_experiment_by_name(target.experiment)
+            if exp is None:
+                raise
+            experiment_id = exp.experiment_id
+    else:
+        experiment_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(
-            target.experiment, artifact_location=target.artifact_location
-        )
-    except Exception:  # created concurrently by another process
-        exp = client.get_experiment_by_name(target.experiment)
-        if exp is None:
-            raise
-        return exp.experiment_id
+            client.restore_experiment(experiment_id)
+    client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+    return experiment_id
 
 
 def _clean_params(params: Mapping[str, Any]) -> dict[str, str]:

@@ -59,8 +59,8 @@ class Method:
 
     @property
     def label(self) -> str:
-        """``otsuki2024`` or ``otsuki2024+residual-gradient``: safe in paths and metric names."""
-        extra = "".join(f"+{k}-{v}" for k, v in sorted(self.options.items()))
+        """``otsuki2024`` or ``otsuki2024_residual-gradient``: safe in paths, DVC and MLflow names."""
+        extra = "".join(f"_{k}-{v}" for k, v in sorted(self.options.items()))
         return self.name + extra
 
     @property

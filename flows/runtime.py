@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import distributed
 import torch
-from distributed import get_worker
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def worker_device(requested: str | torch.device) -> torch.device:
     if count <= 1:
         return device
     try:
-        name = get_worker().name
+        name = distributed.get_worker().name
     except ValueError:  # not in a Dask worker
         return device
     if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import distributed
 import torch
-from distributed import get_worker
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -94,7 +94,7 @@ def forget(kind: str, keep: Callable[[tuple[Any, ...]], bool]) -> None:
 
 def in_dask_worker() -> bool:
     try:
-        get_worker()
+        distributed.get_worker()
     except ValueError:
         return False
     return True

@@ -101,11 +101,11 @@ def _outputs(root: Path) -> dict:
     return {
         "shards": load_shards(root / "relevance" / ARCH / METHOD),
         "rows": rows,
-        "metrics": json.loads((root / "metrics" / f"{ARCH}.json").read_text()),
+        "metrics": _by_variant(
+            json.loads((root.parent / "metrics" / ARCH / "explain.json").read_text())),
         "curves": json.loads((root / "eval" / ARCH / "curves.json").read_text()),
         "metric_params": json.loads((root / "eval" / ARCH / "metric_params.json").read_text()),
-        "plots": {k: (root / "plots" / ARCH / f"{k}.csv").read_text().splitlines()[0]
-                  for k in ("insertion", "deletion")},
+        "plots": (root / "plots" / ARCH / "curves.png").is_file(),
     }
 
 
@@ -114,6 +114,15 @@ def _loaded_inputs() -> list[str]:
     from flows import workers
 
     return sorted({key[0] for key in workers._INPUTS})
+
+
+def _by_variant(summary: dict) -> dict:
+    """``{variant: {metric: value}}`` from the nested metrics file (composite, q<n>, compare)."""
+    out: dict = {}
+    for label, values in {"composite": summary["composite"], **summary["compare"]}.items():
+        out[label] = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        out.update({f"{label}/{k}": v for k, v in values.items() if isinstance(v, dict)})
+    return out
 
 
 def _assert_same_results(got: dict, want: dict) -> None:

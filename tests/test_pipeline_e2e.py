@@ -17,7 +17,7 @@ from pipeline_helpers import copy_project, env, run, tiny_params, write_params
 from flows.config import DEFAULT_COMPARE
 
 pytestmark = pytest.mark.slow
-LABELS = ("otsuki2024", "otsuki2024+residual-gradient", "grad-cam")
+LABELS = ("otsuki2024", "otsuki2024_residual-gradient", "grad-cam")
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
        "GIT_COMMITTER_EMAIL": "t@t"}
 

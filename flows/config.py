@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+import lrp
+from flows import models
+from flows.methods import ENGINE_KEYS, MethodError, parse_method
+from lrp.explainer import OUTPUTS
+from lrp.rules.residual import ALIASES as RESIDUAL_ALIASES
+from lrp.rules.residual import MODES as RESIDUAL_MODES
 
 
 class ParamsError(ValueError):
@@ -26,8 +34,11 @@ def _choices(*values: str) -> dict[str, Any]:
     return {"choices": list(values)}
 
 
-# Composite names are taken from the engine when it is importable (see _composite_names).
+# The engine's names, not copies: a mode the engine adds is accepted here at once.
 _COMPOSITE = {"choices": "composites"}
+_RESIDUAL = _choices(*RESIDUAL_MODES, *RESIDUAL_ALIASES)
+# The default comparison: the paper's preset, its residual ablation and a CAM baseline.
+DEFAULT_COMPARE = ("otsuki2024", "otsuki2024:residual=gradient", "grad-cam")
 
 
 @dataclass
@@ -48,7 +59,9 @@ class DataParams:
 class ModelParams:
     """Which architectures to train and explain, and where their weights come from."""
 
-    architectures: list[str] = field(default_factory=lambda: ["small_resnet", "lrn_cnn"])
+    architectures: list[str] = field(
+        default_factory=lambda: ["small_resnet", "lrn_cnn"], metadata={"choices": "architectures"}
+    )
     weights: str | None = None  # torchvision weights name, e.g. "DEFAULT" (downloads: users only)
     checkpoint: str | None = None  # local state_dict or pickled model
 
@@ -76,17 +89,17 @@ class ExplainParams:
     """Engine options for the explanation stage."""
 
     composite: str = field(default="epsilon-plus-flat", metadata=_COMPOSITE)
-    baselines: list[str] = field(default_factory=list)  # non-LRP methods (lrp.baselines)
-    output: str = field(default="logit", metadata=_choices("logit", "probability"))
-    residual: str = field(
-        default="splitting",
-        metadata=_choices("splitting", "half", "gradient", "ablation-i", "ablation-iii"),
-    )
-    lrn: str = field(default="taylor", metadata=_choices("taylor", "identity"))
+    # further methods compared with the composite: composites with their own options
+    # ("otsuki2024:residual=gradient") or baselines (lrp.baselines.BASELINES)
+    compare: list[str] = field(default_factory=lambda: list(DEFAULT_COMPARE))
+    output: str = field(default="logit", metadata=_choices(*OUTPUTS))
+    residual: str = field(default="splitting", metadata=_RESIDUAL)
+    lrn: str = "taylor"  # validated by the engine (lrp.Explainer's lrn=)
     epsilon: float = field(default=1e-6, metadata={"min": 0.0})
     gamma: float = field(default=0.25, metadata={"min": 0.0})
     target: str = field(default="label", metadata=_choices("label", "predicted"))
-    relevance_dtype: str = field(default="float16", metadata=_choices("float16", "float32"))
+    # float32: the stabilising epsilon underflows in float16 (docs/PIPELINE.md); float16 halves disk
+    relevance_dtype: str = field(default="float32", metadata=_choices("float32", "float16"))
     channel_sum: bool = False
     split: str = field(default="test", metadata=_choices("train", "val", "test", "all"))
     shard_size: int = field(default=256, metadata={"min": 1})
@@ -204,15 +217,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return Params.from_dict(raw, source=str(path))
 
 
-def _composite_names() -> list[str] | None:
-    """Composite names from the engine, or None when the engine is not importable."""
-    try:
-        from lrp import composites
-    except ImportError:
-        return None
-    return list(composites.names())
-
-
 def _build_section(section_cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         return section_cls()
@@ -246,8 +250,15 @@ def _check_value(value: Any, hint: Any, meta: dict[str, Any], where: str) -> Any
             raise ParamsError(f"{exc} (or one of {also})") from None
         raise
     choices = meta.get("choices")
+    if choices == "architectures":
+        for i, name in enumerate(value):
+            try:
+                models.check_name(name)
+            except models.ModelError as exc:
+                raise ParamsError(f"{where}[{i}]: {exc}") from None
+        choices = None
     if choices == "composites":
-        choices = _composite_names()
+        choices = lrp.composites.names()
     if choices is not None and value not in choices:
         raise ParamsError(f"{where}: {value!r} is not one of {choices}")
     if "min" in meta and value < meta["min"]:
@@ -319,8 +330,35 @@ def _check_cross_fields(params: Params, source: str) -> None:
         if not isinstance(override, dict) or "per_model" in override:
             raise ParamsError(f"{where}: must be a mapping of train keys")
         params.train_for(arch)  # validates keys and values, naming them
+    _check_methods(params, source)
     for i, level in enumerate(params.evaluate.quantize_levels):
         if level < 0 or level == 1:
             raise ParamsError(
                 f"{source}: evaluate.quantize_levels[{i}]: {level} must be 0 (off) or >= 2"
             )
+
+
+def _check_methods(params: Params, source: str) -> None:
+    """The engine validates the explain options (no copied lists); errors name the key."""
+    e = params.explain
+    defaults = {k: getattr(e, k) for k in ENGINE_KEYS}
+    _check_engine(e.composite, defaults, f"{source}: explain")
+    labels = {e.composite}
+    for i, spec in enumerate(e.compare):
+        where = f"{source}: explain.compare[{i}]"
+        try:
+            method = parse_method(spec)
+        except MethodError as exc:
+            raise ParamsError(f"{where}: {exc}") from None
+        if method.composite:
+            _check_engine(method.name, {**defaults, **method.options}, where)
+        if method.label in labels:
+            raise ParamsError(f"{where}: {spec!r} is listed twice")
+        labels.add(method.label)
+
+
+def _check_engine(composite: str, options: dict[str, Any], where: str) -> None:
+    try:
+        lrp.Explainer(torch.nn.Identity(), composite=composite, **options)
+    except (lrp.LRPError, ValueError, TypeError) as exc:
+        raise ParamsError(f"{where}: {exc}") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
+
+from flows.io import write_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,7 +82,7 @@ def make_synthetic_dataset(
             mask.save(out_dir / "masks" / rel)
             items.append({"image": f"images/{rel}", "mask": f"masks/{rel}", "label": label})
     manifest = {"config": config, "classes": classes, "items": items}
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    write_text(manifest_path, json.dumps(manifest, indent=1))
     return out_dir
 
 
@@ -210,12 +211,6 @@ def _draw_shape(
         draw.polygon([(cx + c * px - s * py, cy + s * px + c * py) for px, py in pts], fill=255)
     else:  # pragma: no cover - guarded by make_synthetic_dataset
         raise ValueError(shape)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- reading
@@ -427,3 +422,7 @@ def _interleave_by_class(samples: list) -> list:
         rank[sample[1]] = r + 1
         keyed.append((r, sample[1], position, sample))
     return [k[3] for k in sorted(keyed, key=lambda k: k[:3])]
+
+
+class NonFiniteInputError(DatasetError):
+    """Dataset items whose pixels are NaN/Inf (each item and its file is named)."""

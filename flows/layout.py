@@ -2,22 +2,22 @@
 
 Relative paths in params.yaml are resolved against the folder of the params file, so a Prefect
 worker started elsewhere reads and writes the same files as ``dvc repro`` in the repository.
+Summary metrics live outside ``outputs/`` (in ``metrics/``, committed to git), so that DVC
+experiment commits carry them and ``dvc exp show`` can compare experiments.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Output paths under ``root`` (``outputs/`` for DVC)."""
+    """Output paths under ``root`` (``outputs/`` for DVC) and metric files under ``metrics_root``."""
 
     root: Path
+    metrics_root: Path
 
     def model(self, arch: str) -> Path:
         return self.root / "models" / f"{arch}.pt"
@@ -25,12 +25,17 @@ class Layout:
     def checkpoints(self, arch: str) -> Path:
         return self.root / "checkpoints" / arch
 
-    def train_metrics(self, arch: str) -> Path:
+    def train_history(self, arch: str) -> Path:
+        """Per-epoch losses and accuracies (the report plots them)."""
         return self.root / "train" / f"{arch}.json"
 
-    def relevance(self, arch: str, method: str | None = None) -> Path:
+    def train_metrics(self, arch: str) -> Path:
+        """Validation accuracy and the effective training settings (a DVC metric)."""
+        return self.metrics_root / arch / "train.json"
+
+    def relevance(self, arch: str, label: str | None = None) -> Path:
         base = self.root / "relevance" / arch
-        return base if method is None else base / method
+        return base if label is None else base / label
 
     def evaluation(self, arch: str) -> Path:
         return self.root / "eval" / arch
@@ -40,42 +45,22 @@ class Layout:
         return self.root / "eval-shards" / arch
 
     def metrics(self, arch: str) -> Path:
-        return self.root / "metrics" / f"{arch}.json"
+        """The evaluate stage's summary (a DVC metric): ``composite.*`` and ``compare.<label>.*``."""
+        return self.metrics_root / arch / "explain.json"
 
     def plots(self, arch: str) -> Path:
+        """Static PNG plots registered with DVC (``dvc plots show`` works offline)."""
         return self.root / "plots" / arch
 
     def report(self) -> Path:
         return self.root / "report"
+
+    def studies(self) -> Path:
+        """Outputs of the study commands (``flows.studies``): never DVC-tracked."""
+        return self.root / "studies"
 
 
 def resolve(path: str | Path, base: str | Path) -> Path:
     """``path`` if absolute, else relative to ``base``."""
     p = Path(path)
     return p if p.is_absolute() else Path(base) / p
-
-
-def write_json(path: Path, data: Any) -> Path:
-    """Write atomically: a stage killed mid-write leaves no truncated metrics file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Atomic text write (CSV tables)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)

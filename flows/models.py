@@ -14,6 +14,9 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from flows.io import atomic_path
+from lrp import models as lrp_models  # the engine's reference models
+
 
 class ModelError(ValueError):
     """Unknown model name, unusable weights or a checkpoint that does not fit (path named)."""
@@ -26,6 +29,20 @@ def small_resnet(num_classes: int) -> ResNet:
     rules apply, with few enough FLOPs at 64 px to train on a CPU in minutes.
     """
     return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
+PROJECT_MODELS = ("small_resnet", "lrn_cnn", "caffenet")
+
+
+def check_name(name: str) -> None:
+    """Accept the project's models and every torchvision classification builder (ModelError)."""
+    if name in PROJECT_MODELS or name in tvm.list_models(module=tvm):
+        return
+    raise ModelError(
+        f"unknown model {name!r}: use one of {list(PROJECT_MODELS)} or a torchvision "
+        "classifier (torchvision.models.list_models(module=torchvision.models), e.g. resnet18, "
+        "mobilenet_v3_small)"
+    )
 
 
 def build_model(
@@ -49,11 +66,21 @@ def build_model(
         if isinstance(loaded, nn.Module):
             _check_head(loaded, num_classes, Path(checkpoint))
             return loaded
+        recorded = _recorded_architecture(Path(checkpoint))
+        if recorded is not None and recorded != name:
+            raise ModelError(
+                f"{checkpoint}: trained as {recorded!r}, not {name!r}; pass {recorded!r} "
+                "(or leave the architecture out: it is read from the file)"
+            )
         model = _build(name, num_classes, weights=None)
         try:
             model.load_state_dict(loaded)
         except RuntimeError as exc:
-            raise ModelError(f"{checkpoint}: does not fit model {name!r} ({exc})") from exc
+            first = str(exc).strip().splitlines()[0]
+            raise ModelError(
+                f"{checkpoint}: does not fit model {name!r} ({first}); pass the architecture "
+                "it was trained as"
+            ) from None
         return model
     return _build(name, num_classes, weights=weights)
 
@@ -66,17 +93,10 @@ def _build(name: str, num_classes: int, *, weights: str | None) -> nn.Module:
     if name in ("lrn_cnn", "caffenet"):
         if weights is not None:
             raise ModelError(f"model {name!r} has no pretrained weights; use weights=None")
-        from lrp import models as lrp_models  # the engine's reference models
-
         if name == "lrn_cnn":
             return lrp_models.lrn_cnn(num_classes, in_channels=3)
         return lrp_models.caffenet(num_classes)
-    available = tvm.list_models(module=tvm)
-    if name not in available:
-        raise ModelError(
-            f"unknown model {name!r}: use 'small_resnet', 'lrn_cnn', 'caffenet' or a torchvision "
-            f"classifier such as resnet18, resnet50, vgg16"
-        )
+    check_name(name)
     if weights is None:
         return tvm.get_model(name, weights=None, num_classes=num_classes)
     try:
@@ -109,6 +129,49 @@ def _check_head(model: nn.Module, num_classes: int, path: Path) -> None:
         raise ModelError(
             f"{path}: model has {linears[-1].out_features} outputs, expected {num_classes}"
         )
+
+
+def save_trained(model: nn.Module, architecture: str, path: Path) -> Path:
+    """Write a state_dict that records its architecture and head size (atomically)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"architecture": architecture, "state_dict": state}, tmp)
+    return path
+
+
+def load_trained(
+    path: Path, num_classes: int | None = None, architecture: str | None = None
+) -> nn.Module:
+    """A model file, rebuilt as its recorded architecture (or ``architecture``); a pickled
+    module as is. ``num_classes`` None: the size of the file's last weight matrix.
+
+    Fails in one line naming the fix when a state_dict records no architecture and none is given.
+    """
+    path = Path(path)
+    loaded = _load_checkpoint(path)
+    if isinstance(loaded, nn.Module):
+        return loaded
+    arch = architecture or _recorded_architecture(path)
+    if arch is None:
+        raise ModelError(
+            f"{path}: records no architecture; name it (e.g. --architecture small_resnet)"
+        )
+    if num_classes is None:
+        heads = [v for v in loaded.values() if getattr(v, "dim", lambda: 0)() == 2]
+        if not heads:
+            raise ModelError(f"{path}: no classifier weight found; is it a classifier?")
+        num_classes = int(heads[-1].shape[0])
+    return build_model(arch, num_classes, checkpoint=path)
+
+
+def _recorded_architecture(path: Path) -> str | None:
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return obj.get("architecture") if isinstance(obj, dict) else None
 
 
 def _load_checkpoint(path: Path) -> Any:

@@ -77,36 +77,78 @@ def heatmap_grid(
     return _save(fig, path)
 
 
+def curve_value(x: np.ndarray, y: np.ndarray, kind: str) -> float:
+    """The logged number of a mean curve: AUC for insertion/deletion, AOPC for MoRF.
+
+    Both are linear in the curve, so the value of the mean curve equals the mean of the per-image
+    values the metrics file holds (``insertion``, ``deletion``, ``aopc_morf``).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    if kind == "aopc_morf":
+        return float(np.mean(y[0] - y))
+    return float(np.trapezoid(y, np.asarray(x, dtype=np.float64))) if len(y) > 1 else float("nan")
+
+
 def curve_plot(
-    fractions: np.ndarray,
+    x: np.ndarray,
     curves: Mapping[str, np.ndarray],
     path: str | Path,
     *,
     title: str,
+    metric: str,
     xlabel: str = "fraction of pixels",
     ylabel: str = "score",
 ) -> Path:
-    """Mean curves (one line each) with the area under each curve in the legend."""
+    """Mean curves (one line each); the legend gives ``metric`` under its logged name."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    x = np.asarray(fractions, dtype=np.float64)
-    for label, y in curves.items():
-        y = np.asarray(y, dtype=np.float64)
-        area = float(np.trapezoid(y, x)) if len(x) > 1 else float("nan")
-        ax.plot(x, y, label=f"{label} (AUC {area:.3f})")
+    _draw_curves(ax, x, curves, metric)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def conservation_histogram(values: np.ndarray, path: str | Path, *, title: str) -> Path:
-    """Histogram of |sum R_in - R_out| / |R_out| per image (log x: errors span decades)."""
+def method_curves(curves: Mapping[str, Mapping[str, list[float]]], path: str | Path, *,
+                  title: str) -> Path:
+    """Insertion, deletion and MoRF panels with one line per method (the DVC plot image)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, kind in zip(axes, ("insertion", "deletion", "aopc_morf"), strict=True):
+        key = "aopc_morf_curve" if kind == "aopc_morf" else kind
+        series = {m: np.asarray(c[key]) for m, c in curves.items() if key in c}
+        if kind == "aopc_morf":
+            x = np.arange(len(next(iter(series.values())))) if series else np.arange(0)
+            ax.set_xlabel("regions perturbed (MoRF)")
+            ax.set_ylabel("target logit")
+        else:
+            x = np.asarray(next(iter(curves.values()))["fraction"])
+            ax.set_xlabel(f"fraction of pixels ({kind})")
+            ax.set_ylabel("score")
+        _draw_curves(ax, x, series, kind)
+        ax.set_title(kind, fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _draw_curves(ax: plt.Axes, x: np.ndarray, curves: Mapping[str, np.ndarray],
+                 metric: str) -> None:
+    for label, y in curves.items():
+        ax.plot(x, y, label=f"{label} ({metric} {curve_value(x, y, metric):.3f})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def conservation_histogram(
+    values: np.ndarray, path: str | Path, *, title: str, expected: str
+) -> Path:
+    """Histogram of |sum R_in - R_out| / |R_out| per image (log x: errors span decades).
+
+    ``expected`` (what this composite should give, and why) is printed under the plot.
+    """
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4.6))
     if v.size:
         positive = np.clip(v, 1e-12, None)
         lo, hi = np.log10(positive.min()), np.log10(positive.max())
@@ -118,7 +160,8 @@ def conservation_histogram(values: np.ndarray, path: str | Path, *, title: str) 
     ax.set_xlabel("relative conservation error")
     ax.set_ylabel("images")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig.text(0.5, 0.01, expected, ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return _save(fig, path)
 
 
@@ -128,3 +171,24 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def summary_bars(rows: Sequence[Mapping[str, object]], path: str | Path, *,
+                 metrics: Sequence[str]) -> Path:
+    """One panel per metric, one bar group per model, one bar per method (the parent run's figure)."""
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    labels = list(dict.fromkeys(str(r["method"]) for r in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    width = 0.8 / max(len(labels), 1)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for j, label in enumerate(labels):
+            values = [next((float(r[metric]) for r in rows if r["model"] == m
+                            and r["method"] == label and r.get(metric) is not None), np.nan)
+                      for m in models]
+            ax.bar(np.arange(len(models)) + j * width, values, width, label=label)
+        ax.set_xticks(np.arange(len(models)) + width * (len(labels) - 1) / 2, models)
+        ax.set_title(metric, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -15,10 +15,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import distributed
 import torch
 from torch import nn
-
-from flows.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +26,17 @@ _BATCH_CACHE: dict[tuple[Any, ...], int] = {}
 _BATCH_LOCK = threading.Lock()
 CPU_BATCH_SIZE = 64  # `batch_size: auto` off CUDA: a search would only measure host RAM
 CUDA_METRIC_BATCH_SIZE = 256  # forward-only metric batches with `batch_size: auto` on CUDA
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks CUDA, then MPS, then CPU; anything else is passed to torch.device."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -189,10 +199,8 @@ def worker_device(requested: str | torch.device) -> torch.device:
     if count <= 1:
         return device
     try:
-        from distributed import get_worker
-
-        name = get_worker().name
-    except (ImportError, ValueError):
+        name = distributed.get_worker().name
+    except ValueError:  # not in a Dask worker
         return device
     if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
         return torch.device("cuda", int(name) % count)

@@ -14,16 +14,21 @@ import inspect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
-from prefect import flow, get_run_logger
+import dask
+import distributed
+import torch
+from prefect import Task, flow, get_run_logger
+from prefect._internal.concurrency.services import QueueService
+from prefect.context import FlowRunContext
 from prefect.futures import wait
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_dask import DaskTaskRunner
 
-if TYPE_CHECKING:
-    from prefect import Task
-
-    from flows.config import RuntimeParams
+from flows.config import RuntimeParams
+from flows.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +73,6 @@ def dispatcher(runtime: RuntimeParams) -> Iterator[Dispatch]:
     if runtime.task_runner == "local":
         yield Dispatch()
         return
-    import dask
-    import distributed  # imported first: its import sets the log levels quieted below
-
     with _quiet_dask_logs():
         if runtime.dask_address:
             yield Dispatch(runtime.dask_address, _remote_gpu_per_task(runtime))
@@ -111,8 +113,6 @@ def run_shard_tasks(
         raise ValueError(f"task {task.name!r} is not registered with register_shard_task")
     if dispatch.local:
         return [task(**shared, **item) for item in items]
-    from prefect_dask import DaskTaskRunner
-
     inner = _shards_flow.with_options(
         name=name, task_runner=DaskTaskRunner(address=dispatch.address)
     )
@@ -124,8 +124,6 @@ def submit_all(
     task_name: str, shared: dict[str, Any], items: list[dict[str, Any]], gpu: bool
 ) -> list[Any]:
     """Submit one task per item to this flow's (Dask) task runner and wait for all of them."""
-    import dask
-
     task = _TASKS[task_name]
     resources = dask.annotate(resources={GPU_RESOURCE: 1}) if gpu else contextlib.nullcontext()
     with resources:
@@ -150,9 +148,6 @@ def _api_for_workers(address: str | None) -> Iterator[None]:
     own temporary server (seconds each, and the task runs land in separate processes' servers).
     Handing the workers the temporary server's URL makes them report to the flow's server.
     """
-    from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     if PREFECT_API_URL.value():
         yield
         return
@@ -178,8 +173,6 @@ def _drain_workers(cluster: Any) -> None:
 
     Otherwise each worker drains them while exiting and the nanny, tired of waiting, kills it.
     """
-    import distributed
-
     with contextlib.suppress(Exception), distributed.Client(
         cluster, set_as_default=False
     ) as client:
@@ -187,8 +180,6 @@ def _drain_workers(cluster: Any) -> None:
 
 
 async def _drain_prefect_services() -> None:
-    from prefect._internal.concurrency.services import QueueService
-
     pending = QueueService.drain_all(timeout=10, at_exit=False)  # awaitable inside a loop
     if inspect.isawaitable(pending):
         await pending
@@ -197,17 +188,11 @@ async def _drain_prefect_services() -> None:
 def _local_gpu_per_task(runtime: RuntimeParams) -> bool:
     if isinstance(runtime.dask_gpu_per_task, bool):
         return runtime.dask_gpu_per_task
-    import torch
-
-    from flows.training import resolve_device
-
     return torch.cuda.is_available() and resolve_device(runtime.device).type == "cuda"
 
 
 def _remote_gpu_per_task(runtime: RuntimeParams) -> bool:
     """Ask the scheduler which workers offer a GPU resource (and fail early if it is down)."""
-    import distributed
-
     address = runtime.dask_address
     try:
         with distributed.Client(

@@ -3,8 +3,8 @@
 Needs a Prefect server (``prefect server start``) and ``PREFECT_API_URL`` pointing at it. While this
 process runs it polls for scheduled runs, so ``prefect deployment run 'lrp-pipeline/default' -p
 overrides='{"train.epochs": 1}'`` starts the pipeline here, in a subprocess, with this checkout's
-code. Deployments: ``lrp-pipeline/default`` (whole pipeline) and one per stage flow
-(``train/default``, ``explain/default``, ``evaluate/default``, ``report/default``).
+code. Deployments: ``lrp-pipeline/default`` (whole pipeline) and ``<stage>/default`` for every
+deployed stage of :data:`flows.stages.registry.STAGES`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 from prefect import serve
 from prefect.deployments.runner import EntrypointType
 
-from flows import pipeline
+from flows.context import load_context
+from flows.stages.registry import PIPELINE, STAGES
 
 
 def deployments(params_path: str | Path, *, stages: bool = True) -> list[Any]:
@@ -26,7 +27,7 @@ def deployments(params_path: str | Path, *, stages: bool = True) -> list[Any]:
     params = str(Path(params_path).resolve())
     common: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["lrp"]}
     result = [
-        pipeline.lrp_pipeline.to_deployment(
+        PIPELINE.to_deployment(
             name="default",
             parameters={"params_path": params},
             description="Train, explain, evaluate and report (params file plus overrides).",
@@ -35,9 +36,8 @@ def deployments(params_path: str | Path, *, stages: bool = True) -> list[Any]:
     ]
     if stages:
         result += [
-            f.to_deployment(name="default", parameters={"params_path": params}, **common)
-            for f in (pipeline.train_flow, pipeline.explain_flow, pipeline.evaluate_flow,
-                      pipeline.report_flow)
+            s.flow.to_deployment(name="default", parameters={"params_path": params}, **common)
+            for s in STAGES.values() if s.deployed
         ]
     return result
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "PREFECT_API_URL is not set: start `prefect server start` and "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` first"
         )
-    pipeline.load_context(args.params)  # a bad params file fails here, not in the first run
+    load_context(args.params)  # a bad params file fails here, not in the first run
     serve(*deployments(args.params, stages=not args.pipeline_only), limit=args.limit)
 
 

@@ -1,388 +1,294 @@
-"""The explain and evaluate stages as one Prefect task per shard, here or on Dask workers.
+"""The shard store: explanation shards on disk, their index, and the hashes that identify them.
 
-Each stage plans in the flow process (hashes and file checks, no engine work), runs one
-idempotent task per shard (``explain-shard``, ``evaluate-shard``: retried on failure, skipped
-when their output is already complete), then finishes in the flow process (``index.json``; the
-merged metrics). Tasks receive paths and small dataclasses; each process loads the model and the
-dataset once (:func:`stage_inputs`) and checks them against the plan's hashes.
+Layout of a method's folder: ``shard-00000.npz`` ... (compressed; dataset positions ``[k*shard_size,
+(k+1)*shard_size)``) and ``index.json``, written last, listing every shard with its SHA-256, the
+parameters and a content hash. Each shard embeds the parameter hash (model weights, dataset,
+method, options, engine source), so an interrupted run resumes by skipping shards that are complete
+and were made with the same inputs, and a reader can check every file it loads.
 """
 
 from __future__ import annotations
 
-import shutil
-import threading
-from dataclasses import dataclass
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+from torch import nn
+from torch.utils.data import Dataset
 
-from flows import evaluation as ev
-from flows import explaining as ex
-from flows.config import ParamsError
-from flows.data import DatasetError
-from flows.pipeline import (
-    Context,
-    _progress,
-    dataset,
-    device,
-    explain_options,
-    load_trained,
-    methods,
-)
-from flows.runtime import metric_batch_size, torch_backends, use_channels_last, worker_device
-from flows.scaleout import Dispatch, register_shard_task, run_shard_tasks
+import lrp
+from flows.io import atomic_path, write_text
+from flows.methods import Method
 
-SHARD_RETRIES = 2
-RETRY_DELAY_S = 2
-# Deterministic failures: retrying cannot help (bad data, corrupt files, wrong params).
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
-    ex.NonFiniteInputError, ex.ShardError, DatasetError, ParamsError,
-)
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+ARRAYS = ("relevance", "logits", "target", "label", "index", "initial", "conservation")
 
-# Per process (flow process or Dask worker): loaded models, datasets and attributors.
-_INPUTS: dict[tuple[Any, ...], Any] = {}
-_CACHE_LOCK = threading.Lock()
-# One shard at a time per process: tasks of one worker share the cached model.
-_RUN_LOCK = threading.Lock()
+
+class ShardError(RuntimeError):
+    """Explanation shards are missing, incomplete or corrupt (the file is named)."""
+
+
+@dataclass
+class ShardInfo:
+    """One shard file: dataset positions [start, start + count) and its SHA-256."""
+
+    file: str
+    start: int
+    count: int
+    sha256: str
+
+
+@dataclass
+class ShardIndex:
+    """What :func:`explain_dataset` wrote (or found complete and skipped)."""
+
+    out_dir: Path
+    shards: list[ShardInfo]
+    num_items: int
+    params: dict[str, Any]
+    params_hash: str
+    content_hash: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
-class EvalJob:
-    """Score the first ``count`` of the ``rows`` images of one explanation shard."""
+class ShardSpec:
+    """One unit of work: shard ``k`` holds dataset positions ``[start, start + count)``."""
 
-    method: str
-    explained: Path
-    sha256: str
+    k: int
     start: int
-    rows: int
     count: int
-    out: Path
-    key: str
+
+    @property
+    def file(self) -> str:
+        return f"shard-{self.k:05d}.npz"
 
 
-# --------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class ExplainPlan:
+    """Everything a worker needs to explain any shard of one method (small and picklable).
 
-
-def stage_inputs(
-    ctx: Context, arch: str, *, model_sha256: str | None = None, dataset_id: str | None = None
-) -> tuple[torch.nn.Module, Any, str, str]:
-    """The trained model, the stage's dataset and their hashes, loaded once per process.
-
-    Cached by paths and file stamps; when the plan's ``model_sha256`` or ``dataset_id`` differ
-    from the cached ones (files changed since), they are reloaded once, then a ShardError says
-    that the files changed during the run.
+    ``params`` (hashed into ``params_hash``, embedded in every shard) identifies the results:
+    model weights, dataset, method, options, shard size and engine version.
     """
-    for attempt in range(2):
-        ds, ds_id = _cached(
-            ("dataset", *_dataset_key(ctx)), lambda: _load_dataset(ctx), fresh=attempt > 0
-        )
-        path = ctx.layout.model(arch)
-        stamp = _stamp(path)
-        model, sha = _cached(
-            ("model", str(path), stamp, arch, len(ds.classes)),
-            lambda ds=ds: _load_model(ctx, arch, len(ds.classes)),
-            fresh=attempt > 0,
-        )
-        ok_model = model_sha256 is None or sha == model_sha256
-        ok_data = dataset_id is None or ds_id == dataset_id
-        if ok_model and ok_data:
-            return model, ds, sha, ds_id
-    what = "model file" if not ok_model else f"dataset {ds.root}"
-    raise ex.ShardError(
-        f"{arch}: the {what} changed while the stage ran (hash differs from the plan); rerun"
-    )
+
+    out_dir: Path
+    method: Method
+    params: dict[str, Any]
+    params_hash: str
+    local: dict[str, Any]
+    engine_options: dict[str, Any]
+    shards: tuple[ShardSpec, ...]
+
+    @property
+    def num_items(self) -> int:
+        return int(self.params["num_items"])
 
 
-def _load_dataset(ctx: Context) -> tuple[Any, str]:
-    ds = dataset(ctx, ctx.params.explain.split, ctx.params.runtime.subset)
-    return ds, ex.dataset_id(ds)  # the fingerprint stats every file: once per load
+@dataclass(frozen=True)
+class ShardOutcome:
+    """A finished shard: written now or found complete (``written=False``).
 
-
-def _load_model(ctx: Context, arch: str, num_classes: int) -> tuple[torch.nn.Module, str]:
-    model = load_trained(ctx, arch, num_classes).eval()
-    return model, ex.model_hash(model)
-
-
-def _dataset_key(ctx: Context) -> tuple[Any, ...]:
-    from flows.pipeline import data_root
-
-    d, p = ctx.params.data, ctx.params
-    root = data_root(ctx)
-    return (str(root), d.image_size, p.explain.split, p.runtime.subset, d.val_fraction,
-            d.test_fraction)
-
-
-def _cached(key: tuple[Any, ...], load: Any, *, fresh: bool = False, keep: int = 1) -> Any:
-    """``load()`` once per key; at most ``keep`` entries of a kind (``key[0]``) stay cached."""
-    with _CACHE_LOCK:
-        if not fresh and key in _INPUTS:
-            return _INPUTS[key]
-    value = load()
-    with _CACHE_LOCK:
-        same_kind = [k for k in _INPUTS if k[0] == key[0] and k != key]
-        for old in same_kind[: max(0, len(same_kind) - keep + 1)]:
-            del _INPUTS[old]  # oldest first: workers keep one model and one dataset
-        _INPUTS[key] = value
-    return value
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat() if path.exists() else None
-    return (st.st_mtime_ns, st.st_size) if st else (0, 0)
-
-
-def _attributor(
-    model: torch.nn.Module, plan: ex.ExplainPlan, dev: torch.device, nhwc: bool
-) -> ex.Attributor:
-    key = ("attributor", id(model), plan.params_hash, str(dev), nhwc)
-    with _CACHE_LOCK:  # attributors of a model no longer cached would keep it alive (on the GPU)
-        for old in [k for k in _INPUTS if k[0] == "attributor" and k[1] != id(model)]:
-            del _INPUTS[old]
-    return _cached(
-        key, lambda: ex.make_attributor(model, plan.method, plan.engine_options, validate=False),
-        keep=4,  # a few methods
-    )
-
-
-def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (a lost GPU, a flaky file system), not bad data or params."""
-    return not isinstance(getattr(state, "data", None), PERMANENT_ERRORS)
-
-
-def _in_dask_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-# --------------------------------------------------------------------------- explain
-
-
-def explain_one_shard(
-    ctx: Context, arch: str, plan: ex.ExplainPlan, spec: ex.ShardSpec
-) -> ex.ShardOutcome:
-    """Explain one shard (skipped when complete): the unit of work of the explain stage."""
-    from tqdm.auto import tqdm
-
-    r = ctx.params.runtime
-    with _RUN_LOCK:
-        model, ds, _, _ = stage_inputs(
-            ctx, arch, model_sha256=plan.params["model_sha256"],
-            dataset_id=plan.params["dataset"],
-        )
-        dev = worker_device(r.device)
-        model.to(dev)
-        nhwc = use_channels_last(r.channels_last, model, dev)
-        if nhwc:
-            model.to(memory_format=torch.channels_last)
-        with tqdm(total=spec.count, desc=f"explain {arch}/{plan.method} #{spec.k}", unit="img",
-                  disable=_in_dask_worker(), leave=False) as bar:
-            outcome = ex.explain_shard(
-                plan, spec, model, ds, batch_size=r.batch_size, device=dev,
-                num_workers=r.num_workers, channels_last=nhwc, tf32=r.tf32,
-                attribute=_attributor(model, plan, dev, nhwc), progress=bar.update,
-            )
-    if outcome.nonfinite:
-        _warn(f"{arch}/{plan.method} {spec.file}: NaN/Inf relevance or logits for dataset "
-              f"items {list(outcome.nonfinite)}")
-    return outcome
-
-
-def _shard_task(name: str, run_name: str, fn: Any) -> Any:
-    """A retried, registered shard task around ``fn``.
-
-    The task wraps a module-level function of another name: cloudpickle then ships the function
-    by reference, so a Dask worker runs it with this module's real globals (caches, locks).
+    ``nonfinite``: dataset indices whose relevance or logits are NaN/Inf (stored, and reported).
     """
-    return register_shard_task(
-        task(
-            name=name,
-            task_run_name=run_name,
-            retries=SHARD_RETRIES,
-            retry_delay_seconds=RETRY_DELAY_S,
-            retry_condition_fn=_retry_condition,
-            cache_policy=NO_CACHE,
-        )(fn)
-    )
+
+    info: ShardInfo
+    written: bool
+    nonfinite: tuple[int, ...] = ()
 
 
-explain_shard_task = _shard_task(
-    "explain-shard", "explain-{arch}-{plan.method}-{spec.k}", explain_one_shard
-)
+def prepare_out_dir(plan: ExplainPlan) -> None:
+    """Before the shards run: drop the index (rewritten last), shards past the end, temp files.
 
-
-def run_explain(ctx: Context, arch: str, dispatch: Dispatch) -> dict[str, dict[str, Any]]:
-    """The explain stage: plan every method, run the shards, write each ``index.json``.
-
-    Returns per method the output folder and the shard files written and reused.
+    Call it once, before dispatching shards (it deletes other processes' temporary files).
     """
-    p = ctx.params
-    model, ds, _, _ = stage_inputs(ctx, arch)
-    root = ctx.layout.relevance(arch)
-    wanted = set(methods(p))
-    plans = []
-    for method in methods(p):
-        plan = ex.plan_explanation(
-            model, ds, out_dir=ctx.layout.relevance(arch, method), method=method,
-            options=explain_options(ctx, method), shard_size=p.explain.shard_size,
-        )
-        ex.make_attributor(model, method, plan.engine_options)  # bad options fail here
-        plans.append(plan)
-    if root.is_dir():  # methods no longer asked for would be stale outputs
-        for old in root.iterdir():
-            if old.is_dir() and old.name not in wanted:
-                shutil.rmtree(old)
-    for plan in plans:
-        ex.prepare_out_dir(plan)
-    items = [{"plan": plan, "spec": spec} for plan in plans for spec in plan.shards]
-    outcomes = run_shard_tasks(
-        dispatch, explain_shard_task, {"ctx": ctx, "arch": arch}, items,
-        name=f"explain-shards-{arch}",
-    )
-    written = {}
-    for plan in plans:
-        mine = [o for it, o in zip(items, outcomes, strict=True) if it["plan"] is plan]
-        index = ex.write_index(plan, mine)
-        written[plan.method] = {
-            "out_dir": str(plan.out_dir), "written": index.written, "skipped": index.skipped
-        }
-        _progress(
-            None, 1.0, f"{arch}/{plan.method}: {index.num_items} images in {len(index.shards)} "
-            f"shards ({len(index.skipped)} reused) -> {plan.out_dir}",
-        )
-    return written
-
-
-# --------------------------------------------------------------------------- evaluate
-
-
-def eval_settings(ctx: Context, dev: torch.device) -> ev.EvalSettings:
-    """Metric settings of ``params.evaluate`` (batch size from ``runtime.batch_size``)."""
-    e = ctx.params.evaluate
-    return ev.EvalSettings(
-        steps=e.steps, baseline=e.baseline, score=e.score,
-        quantize_levels=list(e.quantize_levels), max_images=e.max_images,
-        batch_size=metric_batch_size(ctx.params.runtime.batch_size, dev),
-    )
-
-
-def evaluate_one_shard(
-    ctx: Context, arch: str, settings: ev.EvalSettings, model_sha256: str, dataset_id: str,
-    job: EvalJob,
-) -> bool:
-    """Score one explanation shard into a partial result; False when it was already there."""
-    if ev.read_piece(job.out, job.key) is not None:
-        return False
-    r = ctx.params.runtime
-    with _RUN_LOCK:
-        model, ds, _, _ = stage_inputs(
-            ctx, arch, model_sha256=model_sha256, dataset_id=dataset_id
-        )
-        dev = worker_device(r.device)
-        arrays = ex.read_shard(
-            job.explained, sha256=job.sha256, names=("index", "target", "relevance"),
-            count=job.rows,
-        )
-        arrays = {k: v[: job.count] for k, v in arrays.items()}
-        with torch_backends(dev, tf32=r.tf32):
-            piece = ev.evaluate_piece(
-                model, ds, arrays, job.method, settings, device=dev, start=job.start,
-                bar=not _in_dask_worker(),
-            )
-    ev.write_piece(job.out, job.key, piece)
-    return True
-
-
-evaluate_shard_task = _shard_task(
-    "evaluate-shard", "evaluate-{arch}-{job.method}-{job.start}", evaluate_one_shard
-)
-
-
-def run_evaluate(ctx: Context, arch: str, dispatch: Dispatch) -> dict[str, Any]:
-    """The evaluate stage: one partial result per explanation shard, merged into the outputs.
-
-    Partial results live in ``outputs/eval-shards/<arch>/`` keyed by the metric settings, the
-    shard's SHA-256 and the model, so a rerun skips the shards already scored.
-    """
-    p = ctx.params
-    _, ds, model_sha, ds_id = stage_inputs(ctx, arch)
-    settings = eval_settings(ctx, device(ctx))
-    jobs: list[EvalJob] = []
-    limits: dict[str, int] = {}
-    part_root = ctx.layout.eval_shards(arch)
-    for method in methods(p):
-        out = ctx.layout.relevance(arch, method)
-        index = ex.read_index(out)
-        n = index["num_items"]
-        n = n if settings.max_images is None else min(n, settings.max_images)
-        if n == 0:
-            raise ValueError(f"no explained images for method {method!r}")
-        limits[method] = n
-        for s in index["shards"]:
-            if s.start >= n:
-                break
-            count = min(s.count, n - s.start)
-            key = ev.piece_key(
-                settings, method=method, shard_sha256=s.sha256, start=s.start, count=count,
-                model_sha256=model_sha,
-            )
-            jobs.append(EvalJob(
-                method, out / s.file, s.sha256, s.start, s.count, count,
-                part_root / method / f"{Path(s.file).stem}.json", key,
-            ))
-    _remove_stale_pieces(part_root, {j.out for j in jobs})
-    done = run_shard_tasks(
-        dispatch, evaluate_shard_task,
-        {"ctx": ctx, "arch": arch, "settings": settings, "model_sha256": model_sha,
-         "dataset_id": ds_id},
-        [{"job": j} for j in jobs], name=f"evaluate-shards-{arch}",
-    )
-    pieces: dict[str, list[dict[str, Any]]] = {m: [] for m in methods(p)}
-    for job in jobs:
-        piece = ev.read_piece(job.out, job.key)
-        if piece is None:
-            raise ex.ShardError(f"{job.out}: partial result missing or stale after its task ran")
-        pieces[job.method].append(piece)
-    infos = {
-        m: {k: v[: limits[m]] for k, v in ex.load_shards(
-            ctx.layout.relevance(arch, m), names=ev.MERGE_ARRAYS).items()}
-        for m in methods(p)
-    }
-    result = ev.merge_pieces(pieces, infos, ds, settings)
-    ev.write_outputs(
-        result, eval_dir=ctx.layout.evaluation(arch), metrics_file=ctx.layout.metrics(arch),
-        plots_dir=ctx.layout.plots(arch), primary=p.explain.composite,
-    )
-    scored = sum(1 for d in done if d)
-    _progress(None, 1.0, f"{arch} evaluate: {len(jobs)} shards ({len(jobs) - scored} reused)")
-    return {"summary": result.summary[p.explain.composite], "scored": scored,
-            "reused": len(jobs) - scored}
-
-
-def _remove_stale_pieces(root: Path, keep: set[Path]) -> None:
-    """Partial results of shards or methods that are no longer part of the stage."""
-    if not root.is_dir():
-        return
-    for path in root.rglob("*.json"):
-        if path not in keep:
-            path.unlink(missing_ok=True)
-    for tmp in root.rglob(".*.tmp-*"):
+    out_dir = plan.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX_FILE).unlink(missing_ok=True)  # never describes a half-done run
+    shard_size = int(plan.params["shard_size"])
+    for stale in out_dir.glob("shard-[0-9]*.npz"):  # shards past the end (an earlier, larger run)
+        if stale.stem[6:].isdigit() and int(stale.stem[6:]) * shard_size >= plan.num_items:
+            stale.unlink()
+    for tmp in out_dir.glob(".shard-*.tmp-*"):  # left by a killed process
         tmp.unlink(missing_ok=True)
 
 
-def _warn(message: str) -> None:
-    import logging
+def write_index(plan: ExplainPlan, outcomes: list[ShardOutcome]) -> ShardIndex:
+    """Write ``index.json`` once every shard of ``plan`` is finished; returns the index.
 
+    The outcomes may come in any order (parallel workers); every planned shard must be there.
+    """
+    by_file = {o.info.file: o for o in outcomes}
+    missing = [s.file for s in plan.shards if s.file not in by_file]
+    if missing:
+        raise ShardError(f"{plan.out_dir}: shards not finished: {missing}")
+    ordered = [by_file[s.file] for s in plan.shards]
+    for spec, outcome in zip(plan.shards, ordered, strict=True):
+        if (outcome.info.start, outcome.info.count) != (spec.start, spec.count):
+            raise ShardError(f"{plan.out_dir / spec.file}: covers other dataset positions")
+        if not (plan.out_dir / spec.file).is_file():
+            raise ShardError(f"{plan.out_dir / spec.file}: missing after it was written")
+    shards = [o.info for o in ordered]
+    content_hash = sha256_text(plan.params_hash + "".join(s.sha256 for s in shards))
+    index = {
+        "format": FORMAT_VERSION,
+        "params": plan.params,
+        "params_hash": plan.params_hash,
+        "num_items": plan.num_items,
+        "arrays": list(ARRAYS),
+        "shards": [asdict(s) for s in shards],
+        "content_hash": content_hash,
+    }
+    nonfinite = sorted(i for o in ordered for i in o.nonfinite)
+    if nonfinite:
+        index["nonfinite"] = nonfinite
+    write_text(plan.out_dir / INDEX_FILE, json.dumps(index, indent=1))
+    return ShardIndex(
+        plan.out_dir, shards, plan.num_items, plan.params, plan.params_hash, content_hash,
+        written=[o.info.file for o in ordered if o.written],
+        skipped=[o.info.file for o in ordered if not o.written],
+    )
+
+
+def read_index(out_dir: Path) -> dict[str, Any]:
+    """The parsed ``index.json`` of an explanation folder (ShardError names what is wrong)."""
+    index_path = Path(out_dir) / INDEX_FILE
+    if not index_path.is_file():
+        raise ShardError(
+            f"{index_path}: missing; the explain stage did not finish (run it again to resume)"
+        )
     try:
-        from prefect import get_run_logger
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["shards"] = [ShardInfo(**s) for s in index["shards"]]
+        index["num_items"] = int(index["num_items"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ShardError(f"{index_path}: unreadable index ({exc})") from exc
+    return index
 
-        get_run_logger().warning(message)
+
+def read_shard(
+    path: Path, *, sha256: str | None = None, names: tuple[str, ...] = ARRAYS,
+    count: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The arrays of one shard file, after checking its SHA-256 (if given) and row counts."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: shard listed in {INDEX_FILE} is missing")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ShardError(f"{path}: checksum mismatch (truncated or corrupt); re-run explain")
+    out: dict[str, np.ndarray] = {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for name in names:
+                array = data[name]
+                if count is not None and len(array) != count:
+                    raise ShardError(f"{path}: {name} has {len(array)} rows, expected {count}")
+                out[name] = array
+    except ShardError:
+        raise
+    except Exception as exc:
+        raise ShardError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from exc
+    return out
+
+
+def load_shards(out_dir: Path, names: tuple[str, ...] = ARRAYS) -> dict[str, np.ndarray]:
+    """Concatenate the shards listed in ``index.json`` after checking their SHA-256 and sizes.
+
+    ``names`` limits the arrays read (the evaluation merge needs no relevance).
+    """
+    out_dir = Path(out_dir)
+    index = read_index(out_dir)
+    shard_list: list[ShardInfo] = index["shards"]
+    num_items = index["num_items"]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    expected_start = 0
+    for info in shard_list:
+        path = out_dir / info.file
+        arrays = read_shard(path, sha256=info.sha256, names=names, count=info.count)
+        if info.start != expected_start:
+            raise ShardError(f"{path}: starts at {info.start}, expected {expected_start}")
+        for name in names:
+            parts[name].append(arrays[name])
+        expected_start += info.count
+    if expected_start != num_items:
+        raise ShardError(
+            f"{out_dir / INDEX_FILE}: shards hold {expected_start} items, expected {num_items}"
+        )
+    if not shard_list:
+        raise ShardError(f"{out_dir / INDEX_FILE}: lists no shards")
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def save_shard(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Write one shard atomically: its arrays plus ``_meta`` (params hash, positions, flags)."""
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, _meta=np.array(json.dumps(meta)), **arrays)
+
+
+def complete_shard_meta(
+    path: Path, params_hash: str, start: int, count: int
+) -> dict[str, Any] | None:
+    """The metadata of ``path`` if it is a readable shard of this run, else None.
+
+    Reading every array checks its CRC, so a truncated or corrupt file is recomputed.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["_meta"]))
+            if meta != {**meta, "params_hash": params_hash, "start": start, "count": count}:
+                return None
+            return meta if all(len(data[name]) == count for name in ARRAYS) else None
     except Exception:
-        logging.getLogger(__name__).warning(message)
+        return None  # truncated or corrupt: recompute
+
+
+def model_hash(model: nn.Module) -> str:
+    """SHA-256 of the state_dict (names, dtypes, shapes, values): results depend on the weights."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_id(dataset: Dataset) -> str:
+    """The dataset's fingerprint (files, labels, preprocessing) as hashed into the plan."""
+    fingerprint = getattr(dataset, "fingerprint", None)
+    if callable(fingerprint):
+        return str(fingerprint())
+    return f"{type(dataset).__name__}:{len(dataset)}"
+
+
+@functools.cache
+def engine_version() -> str:
+    """The engine's version plus a hash of its source: shards made by other engine code are stale
+    (the same rule DVC applies to the ``lrp`` dependency of the explain stage)."""
+    root = Path(lrp.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return f"{getattr(lrp, '__version__', 'unknown')}+{h.hexdigest()[:12]}"
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+

@@ -4,6 +4,8 @@ Everything goes through :class:`MlflowClient` with explicit run ids (the fluent 
 thread-safe), URIs are made absolute so that a DVC stage, a Prefect worker and ``mlflow ui`` started
 from another directory all see the same store, and the store is checked before any work starts so
 that an unreachable server fails in a second with the params key named, not after training.
+MLflow itself is imported where it is used: the train stage only checks the store and should not
+pay the import.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import torch
+import torchvision
+
+from flows.config import MlflowParams
 
 PARAM_KEY = "mlflow.tracking_uri"
 MAX_PARAM_LEN = 6000  # MLflow 3 limit on a param value
@@ -68,6 +75,11 @@ def resolve_target(
     return TrackingTarget(uri, artifacts, experiment)
 
 
+def target_for(m: MlflowParams, base_dir: str | Path) -> TrackingTarget:
+    """The resolved target of the ``mlflow`` params section."""
+    return resolve_target(m.tracking_uri, m.experiment, m.artifact_location, base_dir)
+
+
 def check_reachable(target: TrackingTarget, timeout: float = 5.0) -> None:
     """Fail fast with a clear message when the tracking store cannot be used."""
     uri = target.tracking_uri
@@ -108,22 +120,29 @@ def check_reachable(target: TrackingTarget, timeout: float = 5.0) -> None:
             ) from exc
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # UI opens on runs
+
+
 def get_experiment_id(client: Any, target: TrackingTarget) -> str:
-    """Id of the experiment, created with the explicit artifact location when missing."""
+    """Id of the experiment (created with the explicit artifact location when missing), tagged
+    as model development so the MLflow UI opens on its runs, not on the GenAI traces page."""
     exp = client.get_experiment_by_name(target.experiment)
-    if exp is not None:
+    if exp is None:
+        try:
+            experiment_id = client.create_experiment(
+                target.experiment, artifact_location=target.artifact_location
+            )
+        except Exception:  # created concurrently by another process
+            exp = client.get_experiment_by_name(target.experiment)
+            if exp is None:
+                raise
+            experiment_id = exp.experiment_id
+    else:
+        experiment_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(
-            target.experiment, artifact_location=target.artifact_location
-        )
-    except Exception:  # created concurrently by another process
-        exp = client.get_experiment_by_name(target.experiment)
-        if exp is None:
-            raise
-        return exp.experiment_id
+            client.restore_experiment(experiment_id)
+    client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+    return experiment_id
 
 
 def _clean_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -181,15 +200,9 @@ def log_model(run_id: str, model: Any, *, name: str = "model") -> str:
     """
     import mlflow
     import mlflow.pytorch
-    import torch
 
-    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-    try:
-        import torchvision
-
-        requirements.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
+    requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
     active = mlflow.active_run()
     if active is not None and active.info.run_id != run_id:
         raise TrackingError(f"another MLflow run ({active.info.run_id}) is active in this process")

@@ -29,22 +29,33 @@ fi
 [ -d data ] && dvc add -q data
 
 START=$(date +%s)
-if [ "${1:-}" = "--force" ]; then dvc repro --force; else dvc repro; fi
+# One Prefect server for every stage (instead of a temporary one per stage); prints the task time.
+if [ "${1:-}" = "--force" ]; then
+  python -m flows.server -- dvc repro --force
+else
+  python -m flows.server -- dvc repro
+fi
 END=$(date +%s)
 
 echo
 echo "==> pipeline finished in $((END - START)) s"
 dvc status
 dvc metrics show
-cat <<MSG
+cat <<
+dvc.lock changes after this on a fresh clone: CPU training is not bit-exact across machines.
+MSG
 
 Results
   models       outputs/models/        relevance shards  outputs/relevance/<model>/
-  metrics      outputs/metrics/*.json per-image scores  outputs/eval/<model>/scores.csv
-  figures      outputs/report/<model>/ (heatmaps, curves, conservation histograms)
-  plots        dvc plots show   (insertion/deletion curves, HTML in dvc_plots/)
+  metrics      metrics/<model>/*.json per-image scores  outputs/eval/<model>/scores.csv
+  figures      outputs/report/<model>/ (heatmaps, curves, conservation histograms), outputs/report/summary.md
+  plots        dvc plots show   (static PNG curves, offline HTML in dvc_plots/)
+  compare      python -m flows.server -- dvc exp run -S explain.composite=epsilon; dvc exp show --md --only-changed
+  study        python -m flows.studies.otsuki_table --model small_resnet   (writes outputs/studies/)
 
 MLflow UI (runs, metrics, per-image tables, heatmaps, models):
   .venv/bin/mlflow ui --backend-store-uri sqlite:///$ROOT/mlflow.db --port 5000
   then open http://127.0.0.1:5000 (experiment "lrp-at-scale")
+
+dvc.lock changes after this on a fresh clone: CPU training is not bit-exact across machines.
 MSG

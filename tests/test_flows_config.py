@@ -62,3 +62,40 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match=r"params\.yaml: invalid YAML"):
         load_params(bad)
+
+
+def test_choices_come_from_the_engine(tmp_path: Path) -> None:
+    """Every residual mode and alias of lrp is accepted; relevance is stored as float32 by default."""
+    from lrp.rules.residual import ALIASES, MODES
+
+    for mode in (*MODES, *ALIASES):
+        assert Params.from_dict({"explain": {"residual": mode}}).explain.residual == mode
+    assert Params().explain.relevance_dtype == "float32"
+    with pytest.raises(ParamsError, match=r"explain: lrn="):
+        Params.from_dict({"explain": {"lrn": "magic"}})
+    with pytest.raises(ParamsError, match=r"explain\.compare\[1\].*no-such"):
+        Params.from_dict({"explain": {"compare": ["grad-cam", "no-such"]}})
+    with pytest.raises(ParamsError, match=r"explain\.compare\[0\].*residual"):
+        Params.from_dict({"explain": {"compare": ["otsuki2024:residual=sideways"]}})
+
+
+def test_architectures_are_any_torchvision_classifier() -> None:
+    names = ["small_resnet", "mobilenet_v3_small", "resnet18"]
+    assert Params.from_dict({"model": {"architectures": names}}).model.architectures == names
+    with pytest.raises(ParamsError, match=r"model\.architectures\[1\].*list_models"):
+        Params.from_dict({"model": {"architectures": ["small_resnet", "resnet9000"]}})
+
+
+def test_explicit_train_override_wins_over_per_model(tmp_path: Path) -> None:
+    from flows.context import load_context
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "model": {"architectures": ["small_resnet", "lrn_cnn"]},
+        "train": {"epochs": 30, "per_model": {"lrn_cnn": {"epochs": 60, "lr": 0.01}}},
+    }))
+    assert load_context(params).params.train_for("lrn_cnn").epochs == 60
+    p = load_context(params, {"train.epochs": 1}).params
+    assert p.train_for("lrn_cnn").epochs == 1 and p.train_for("small_resnet").epochs == 1
+    assert p.train_for("lrn_cnn").lr == 0.01  # keys not overridden keep their per-model value
+    assert load_context(params, {"train": {"epochs": 2}}).params.train_for("lrn_cnn").epochs == 2

@@ -1,4 +1,4 @@
-"""flows.explaining: sharded, verifiable, resumable dataset explanation with the engine."""
+"""The explain stage's shards (flows.stages.explain, flows.shards): sharded, verifiable, resumable dataset explanation with the engine."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline_helpers import explain_dataset
 
 from flows.data import ImageDataset, make_synthetic_dataset
-from flows.explaining import ShardError, explain_dataset, load_shards
 from flows.models import build_model
+from flows.shards import ShardError, load_shards
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +133,12 @@ def test_baseline_method(model, dataset, tmp_path: Path) -> None:
 
 def test_changed_engine_source_recomputes(model, dataset, tmp_path: Path, monkeypatch) -> None:
     """Shards made by other engine code are stale, as DVC's ``lrp`` dependency says."""
-    import flows.explaining as ex
+    import flows.stages.explain as ex
+    from flows.shards import engine_version
 
-    version = ex._engine_version()
+    version = engine_version()
     assert "+" in version and len(version.split("+")[1]) == 12  # version + source hash
     _run(model, dataset, tmp_path)
-    monkeypatch.setattr(ex, "_engine_version", lambda: version + "-edited")
+    monkeypatch.setattr(ex, "engine_version", lambda: version + "-edited")
     index = _run(model, dataset, tmp_path)
     assert index.skipped == [] and len(index.written) == 3

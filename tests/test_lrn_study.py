@@ -1,4 +1,4 @@
-"""flows.lrn_study: the Taylor-vs-identity AOPC table of Binder et al. 2016 on a tiny LRN model."""
+"""flows.studies.lrn_study: the Taylor-vs-identity AOPC table of Binder et al. 2016 on a tiny LRN model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from flows.lrn_study import format_table, lrn_aopc_table, lrn_heatmaps, main
+from flows.studies.lrn_study import format_table, lrn_aopc_table, lrn_heatmaps, main
 from lrp.models import lrn_cnn
 from lrp.rules.lrn import LRNIdentity, LRNTaylor
 
@@ -102,6 +102,8 @@ def test_cli_writes_json(tmp_path: Path) -> None:
         [
             "--checkpoint",
             str(ckpt),
+            "--architecture",
+            "lrn_cnn",
             "--data",
             str(tmp_path / "data"),
             "--split",

@@ -1,7 +1,8 @@
 """The default pipeline end to end through ``dvc repro`` in a fresh copy of the project.
 
-Real DVC (git repo, data.dvc, dvc.yaml), real Prefect flows (temporary local server per stage, as
-users get by default) and a real MLflow SQLite store, on a tiny configuration.
+Real DVC (git repo, data.dvc, dvc.yaml), real Prefect flows (one local server for the whole
+``dvc repro``, started by ``python -m flows.server``, as the main command does) and a real MLflow
+SQLite store, on a tiny configuration comparing the default methods.
 """
 
 from __future__ import annotations
@@ -13,21 +14,38 @@ import pytest
 import yaml
 from pipeline_helpers import copy_project, env, run, tiny_params, write_params
 
+from flows.config import DEFAULT_COMPARE
+
 pytestmark = pytest.mark.slow
+LABELS = ("otsuki2024", "otsuki2024_residual-gradient", "grad-cam")
+GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+       "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project copy after data generation, ``dvc add data`` and ``dvc repro``."""
     root = copy_project(tmp_path_factory.mktemp("project"))
-    write_params(root / "params.yaml", tiny_params(root))
-    e = env(root)
+    write_params(root / "params.yaml",
+                 tiny_params(root, explain={"compare": list(DEFAULT_COMPARE)}))
+    e = env(root, PREFECT_LOGGING_LEVEL="INFO", **GIT)
     run(["git", "init", "-q"], root, e)
     run(["dvc", "init", "-q"], root, e)
     run(["python", "-m", "flows.stages", "data"], root, e)
     run(["dvc", "add", "-q", "data"], root, e)
-    run(["dvc", "repro"], root, e, timeout=900)
+    out = run(["python", "-m", "flows.server", "--", "dvc", "repro"], root, e, timeout=900)
+    (root / "repro.log").write_text(out)
+    run(["git", "add", "-A"], root, e)
+    run(["git", "commit", "-qm", "repro"], root, e)
     return root
+
+
+def test_one_prefect_server_serves_the_whole_repro(repro: Path) -> None:
+    out = (repro / "repro.log").read_text()
+    assert out.count("Prefect: starting one local server") == 1
+    assert "Starting temporary server" not in out  # no stage started a server of its own
+    assert "Prefect: 7 flow runs" in out  # train, explain, evaluate x 2 models, report
+    assert "MLflow run " in out and "/#/experiments/" in out  # the report stage's last line
 
 
 def test_dvc_status_clean_and_outputs(repro: Path) -> None:
@@ -36,14 +54,19 @@ def test_dvc_status_clean_and_outputs(repro: Path) -> None:
     assert json.loads(status.strip().splitlines()[-1]) == {}
     for arch in ("small_resnet", "lrn_cnn"):
         assert (repro / "outputs" / "models" / f"{arch}.pt").is_file()
-        summary = json.loads((repro / "outputs" / "metrics" / f"{arch}.json").read_text())
-        s = summary["epsilon-plus-flat"]
+        summary = json.loads((repro / "metrics" / arch / "explain.json").read_text())
+        s = summary["composite"]
         assert 0.0 <= s["insertion"] <= 1.0 and 0.0 <= s["deletion"] <= 1.0
         assert "aopc_morf" in s and "relevance_mass" in s
-        assert "epsilon-plus-flat/q4" in summary
-        assert (repro / "outputs" / "plots" / arch / "insertion.csv").is_file()
+        assert "q4" in s
+        assert sorted(summary["compare"]) == sorted(LABELS)
+        assert (repro / "outputs" / "plots" / arch / "curves.png").is_file()
     shown = run(["dvc", "metrics", "show", "--json"], repro, e)
     assert "small_resnet" in shown
+    html = repro / "plots.html"
+    run(["dvc", "plots", "show", "-o", str(html.with_suffix(""))], repro, e)
+    page = (html.with_suffix("") / "index.html").read_text()
+    assert "<img" in page and "cdn" not in page.lower()  # viewable offline
 
 
 def test_only_changed_stages_rerun(repro: Path) -> None:
@@ -73,20 +96,26 @@ def test_mlflow_store(repro: Path) -> None:
     exp = client.get_experiment_by_name("lrp-at-scale")
     assert exp is not None
     assert exp.artifact_location == (repro / "mlartifacts").as_uri()
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
-    parent = next(r for r in runs if r.info.run_name == "lrp-pipeline")
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.run_name == "small_resnet+lrn_cnn epsilon-plus-flat"
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["synthetic"]
+    assert {"summary/summary.md", "summary/summary.png"} <= set(
+        _artifact_paths(client, parent.info.run_id))
     data_md5 = yaml.safe_load((repro / "data.dvc").read_text())["outs"][0]["md5"]
     assert parent.data.tags["dvc.data_hash"] == data_md5
     assert parent.data.tags["prefect.flow_run_id"]
     assert parent.data.params["train.epochs"] == "1"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["lrn_cnn", "small_resnet"]
+    assert sorted(r.info.run_name for r in children) == [
+        "lrn_cnn epsilon-plus-flat", "small_resnet epsilon-plus-flat"]
     mlflow.set_tracking_uri(uri)
     for child in children:
         metrics = child.data.metrics
-        for key in ("epsilon-plus-flat.insertion", "epsilon-plus-flat.deletion",
-                    "epsilon-plus-flat.id", "epsilon-plus-flat.aopc_morf", "val_accuracy"):
+        for key in ("composite.insertion", "composite.deletion", "composite.id",
+                    "composite.aopc_morf", "compare.grad-cam.insertion", "val_accuracy"):
             assert key in metrics, key
         assert child.data.params["metric.epsilon-plus-flat/insertion_deletion.steps"] == "8"
         paths = _artifact_paths(client, child.info.run_id)
@@ -98,6 +127,45 @@ def test_mlflow_store(repro: Path) -> None:
         assert Path(local).read_text().startswith("method,")
         model = mlflow.pytorch.load_model(f"runs:/{child.info.run_id}/model")
         assert any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def test_edited_helper_makes_its_stages_stale(repro: Path) -> None:
+    """DVC deps cover shared helpers: context.py (every stage) and shards.py (not train)."""
+    stale = {}
+    for helper in ("flows/context.py", "flows/shards.py"):
+        path = repro / helper
+        original = path.read_text()
+        try:
+            path.write_text(original + "\n# edited\n")
+            out = run(["dvc", "status", "--json"], repro, env(repro))
+            stale[helper] = set(json.loads(out.strip().splitlines()[-1]))
+        finally:
+            path.write_text(original)
+    every = {f"{s}@{m}" for s in ("train", "explain", "evaluate")
+             for m in ("small_resnet", "lrn_cnn")} | {"report"}
+    assert stale["flows/context.py"] == every
+    assert stale["flows/shards.py"] == every - {"train@small_resnet", "train@lrn_cnn"}
+
+
+def test_dvc_exp_compares_two_composites(repro: Path) -> None:
+    """Two composites in two experiments share the `composite.*` columns of `dvc exp show`."""
+    e = env(repro, **GIT)
+    run(["python", "-m", "flows.server", "--", "dvc", "exp", "run", "-n", "eps",
+         "-S", "explain.composite=epsilon"], repro, e, timeout=900)
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], repro, e).strip().splitlines()[-1])
+    found = {}
+    for row in rows:
+        for rev in [row, *[e for exp in row.get("experiments") or [] for e in exp["revs"]]]:
+            data = (rev.get("data") or {})
+            composite = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("metrics/small_resnet/explain.json", {})
+            value = metrics.get("data", {}).get("composite", {}).get("insertion")
+            name = composite.get("explain", {}).get("composite")
+            if value is not None and name:
+                found[name] = value
+    assert {"epsilon-plus-flat", "epsilon"} <= set(found), rows
+    diff = run(["dvc", "metrics", "diff", "HEAD", "eps", "--json"], repro, e)
+    assert "composite.insertion" in diff
 
 
 def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:

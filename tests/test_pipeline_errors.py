@@ -10,7 +10,9 @@ import pytest
 from pipeline_helpers import REPO, env, free_port, tiny_params, write_params
 
 from flows.config import ParamsError
-from flows.pipeline import dataset, load_context
+from flows.context import dataset, load_context
+from flows.stages.data import data_task
+from flows.stages.report import report_to_mlflow
 from flows.tracking import TrackingError, check_reachable, resolve_target, tracked_run
 
 
@@ -25,8 +27,6 @@ def _stage(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 def project(tmp_path: Path) -> Path:
     """A params file and a generated tiny dataset in tmp."""
     write_params(tmp_path / "params.yaml", tiny_params(tmp_path))
-    from flows.pipeline import data_task
-
     data_task.fn(load_context(tmp_path / "params.yaml"))
     return tmp_path
 
@@ -113,11 +113,9 @@ def test_report_on_missing_outputs_logs_nothing_finished(project: Path) -> None:
     """The report stage on missing stage outputs fails, naming the file; no FINISHED run."""
     from mlflow.tracking import MlflowClient
 
-    from flows.report import report_to_mlflow
-
     ctx = load_context(project / "params.yaml")
     with pytest.raises(FileNotFoundError, match=r"small_resnet\.pt"):
-        report_to_mlflow(ctx, flow_run={"id": "", "name": ""})
+        report_to_mlflow(ctx, flow_run_info={"id": "", "name": ""})
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("lrp-at-scale")
     runs = client.search_runs([exp.experiment_id]) if exp is not None else []

@@ -1,8 +1,14 @@
-"""The evaluate stage: metrics of stored explanations, no engine calls.
+"""The evaluate stage: metrics of the stored explanations, one Prefect task per shard.
 
 Heatmaps come from the shards the explain stage wrote, so changing a metric setting reruns only
-this stage. Metrics run in chunks of images (forward-only, batched inside ``lrp.metrics``) and
-every setting that changes a number is written next to the numbers (``metric_params.json``).
+this stage. Each ``evaluate-shard`` task scores one shard into a partial result (kept in
+``outputs/eval-shards/``, so a rerun skips scored shards); the flow merges them in dataset order,
+so the numbers do not depend on how many workers ran. Every setting that changes a number is
+written next to the numbers (``metric_params.json``).
+
+The summary (a DVC metric, ``metrics/<model>/explain.json``) names no method in its keys:
+``composite.*`` is the method of ``explain.composite`` and ``compare.<label>.*`` each method of
+``explain.compare``, so ``dvc exp show`` puts two composites tried in two experiments side by side.
 """
 
 from __future__ import annotations
@@ -19,10 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from prefect import flow
 from torch import nn
 from tqdm.auto import tqdm
 
-from flows.layout import write_json, write_text
+from flows import plots, workers
+from flows.context import Context, device, load_context, log, methods, require_arch, require_data
+from flows.io import jsonable, write_json, write_text
+from flows.runtime import metric_batch_size, torch_backends, worker_device
+from flows.scaleout import Dispatch, dispatcher, run_shard_tasks
+from flows.shards import ShardError, load_shards, read_index, read_shard
+from lrp.metrics import insertion_deletion, perturbation_curve, pointing_game, relevance_mass
+from lrp.postprocess import heat_quantization, reduce_channels
 
 SCORE_COLUMNS = (
     "insertion", "deletion", "id", "aopc_morf", "relevance_mass", "pointing_game",
@@ -58,46 +72,8 @@ class EvalResult:
 
 
 def variant_name(method: str, level: int) -> str:
-    """``epsilon-plus-flat`` or ``epsilon-plus-flat/q8`` (heat-quantized to 8 levels)."""
+    """A method's label, or ``<label>/q8`` when heat-quantized to 8 levels."""
     return method if level == 0 else f"{method}/q{level}"
-
-
-def evaluate_shards(
-    model: nn.Module,
-    dataset: Any,
-    shards: dict[str, dict[str, np.ndarray]],
-    settings: EvalSettings,
-    *,
-    device: torch.device,
-    progress: Callable[[str, float], None] | None = None,
-) -> EvalResult:
-    """Score every method's stored heatmaps with insertion/deletion, AOPC and localisation.
-
-    ``shards`` maps a method name to :func:`flows.explaining.load_shards` output. Images and masks
-    are read from ``dataset`` by the stored index, so the scored images are exactly the explained
-    ones. The single-process composition of :func:`evaluate_piece` (one piece per method) and
-    :func:`merge_pieces`; the Prefect flows score one piece per explanation shard instead.
-    """
-    pieces: dict[str, list[dict[str, Any]]] = {}
-    infos: dict[str, dict[str, np.ndarray]] = {}
-    total = sum(_limit(len(s["index"]), settings) for s in shards.values())
-    done = 0
-    for method, arrays in shards.items():
-        n = _limit(len(arrays["index"]), settings)
-        if n == 0:
-            raise ValueError(f"no explained images for method {method!r}")
-        part = {k: arrays[k][:n] for k in ("index", "target", "relevance")}
-
-        def report(text: str, frac: float, before: int = done, n: int = n) -> None:
-            if progress is not None:
-                progress(text, (before + frac * n) / max(total, 1))
-
-        pieces[method] = [
-            evaluate_piece(model, dataset, part, method, settings, device=device, progress=report)
-        ]
-        infos[method] = {k: arrays[k][:n] for k in MERGE_ARRAYS}
-        done += n
-    return merge_pieces(pieces, infos, dataset, settings)
 
 
 def evaluate_piece(
@@ -119,9 +95,6 @@ def evaluate_piece(
     score columns per quantization level, curve sums per chunk (kept apart so that
     :func:`merge_pieces` adds them in the order one process would), fractions and metric params.
     """
-    from lrp.metrics import insertion_deletion, perturbation_curve, pointing_game, relevance_mass
-    from lrp.postprocess import heat_quantization, reduce_channels
-
     model = model.to(device).eval()
     n = len(arrays["index"])
     levels = list(settings.quantize_levels)
@@ -201,7 +174,7 @@ def evaluate_piece(
         },
         "aopc_morf_curve": _pack(aopc_sums),
         "fractions": _pack([fractions] if fractions is not None else []),
-        "metric_params": json.loads(json.dumps(metric_params, default=_jsonable)),
+        "metric_params": jsonable(metric_params),
     }
 
 
@@ -321,11 +294,12 @@ def read_piece(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def write_outputs(
-    result: EvalResult, *, eval_dir: Path, metrics_file: Path, plots_dir: Path, primary: str
+    result: EvalResult, *, eval_dir: Path, metrics_file: Path, plots_dir: Path,
+    composite: str, compare: Sequence[str], title: str,
 ) -> None:
-    """Per-image CSV, curves and params under eval_dir; summary JSON; DVC plot CSVs.
+    """Per-image CSV, curves and params under eval_dir; the DVC metric file; the DVC plot image.
 
-    The summary (the dvc metrics file) is written last, so its presence means the stage finished.
+    The summary (the DVC metrics file) is written last, so its presence means the stage finished.
     """
     buf = io.StringIO()
     fields = [
@@ -338,17 +312,26 @@ def write_outputs(
     write_text(eval_dir / "scores.csv", buf.getvalue())
     write_json(eval_dir / "curves.json", result.curves)
     write_json(eval_dir / "metric_params.json", result.metric_params)
-    main = result.curves[primary]
-    for kind in ("insertion", "deletion"):
-        lines = ["fraction,score"] + [
-            f"{f:.6g},{s:.6g}" for f, s in zip(main["fraction"], main[kind], strict=True)
-        ]
-        write_text(plots_dir / f"{kind}.csv", "\n".join(lines) + "\n")
-    write_json(metrics_file, result.summary)
+    plots.method_curves(
+        {label: result.curves[label] for label in (composite, *compare)},
+        plots_dir / "curves.png", title=title,
+    )
+    write_json(metrics_file, dvc_metrics(result.summary, composite, compare))
 
 
-def _limit(count: int, settings: EvalSettings) -> int:
-    return count if settings.max_images is None else min(count, settings.max_images)
+def dvc_metrics(summary: dict[str, Any], composite: str, compare: Sequence[str]) -> dict[str, Any]:
+    """``{composite: {...}, compare: {label: {...}}}``; quantized variants nest as ``q<levels>``.
+
+    No key names the composite, so the same column holds it in every experiment.
+    """
+    def nested(label: str) -> dict[str, Any]:
+        out = dict(summary[label])
+        for name, values in summary.items():
+            if name.startswith(f"{label}/"):
+                out[name.removeprefix(f"{label}/")] = values
+        return out
+
+    return {"composite": nested(composite), "compare": {label: nested(label) for label in compare}}
 
 
 def _pack(tensors: list[torch.Tensor]) -> dict[str, Any]:
@@ -371,12 +354,6 @@ def _running_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -387,3 +364,145 @@ def _rel_path(dataset: Any, index: int) -> str:
     if samples is not None and len(samples[index]) > 2:
         return str(samples[index][2])
     return str(index)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Score the first ``count`` of the ``rows`` images of one explanation shard."""
+
+    method: str
+    explained: Path
+    sha256: str
+    start: int
+    rows: int
+    count: int
+    out: Path
+    key: str
+
+
+def eval_settings(ctx: Context, dev: torch.device) -> EvalSettings:
+    """Metric settings of ``params.evaluate`` (batch size from ``runtime.batch_size``)."""
+    e = ctx.params.evaluate
+    return EvalSettings(
+        steps=e.steps, baseline=e.baseline, score=e.score,
+        quantize_levels=list(e.quantize_levels), max_images=e.max_images,
+        batch_size=metric_batch_size(ctx.params.runtime.batch_size, dev),
+    )
+
+
+def evaluate_one_shard(
+    ctx: Context, arch: str, settings: EvalSettings, model_sha256: str, dataset_id: str,
+    job: EvalJob,
+) -> bool:
+    """Score one explanation shard into a partial result; False when it was already there."""
+    if read_piece(job.out, job.key) is not None:
+        return False
+    r = ctx.params.runtime
+    with workers.RUN_LOCK:
+        model, ds, _, _ = workers.stage_inputs(
+            ctx, arch, model_sha256=model_sha256, dataset_id=dataset_id
+        )
+        dev = worker_device(r.device)
+        arrays = read_shard(
+            job.explained, sha256=job.sha256, names=("index", "target", "relevance"),
+            count=job.rows,
+        )
+        arrays = {k: v[: job.count] for k, v in arrays.items()}
+        with torch_backends(dev, tf32=r.tf32):
+            piece = evaluate_piece(
+                model, ds, arrays, job.method, settings, device=dev, start=job.start,
+                bar=not workers.in_dask_worker(),
+            )
+    write_piece(job.out, job.key, piece)
+    return True
+
+
+evaluate_shard_task = workers.shard_task(
+    "evaluate-shard", "evaluate-{arch}-{job.method}-{job.start}", evaluate_one_shard
+)
+
+
+def run_evaluate(ctx: Context, arch: str, dispatch: Dispatch) -> dict[str, Any]:
+    """One partial result per explanation shard, merged into the stage's outputs.
+
+    Partial results live in ``outputs/eval-shards/<arch>/`` keyed by the metric settings, the
+    shard's SHA-256 and the model, so a rerun skips the shards already scored.
+    """
+    p = ctx.params
+    _, ds, model_sha, ds_id = workers.stage_inputs(ctx, arch)
+    settings = eval_settings(ctx, device(ctx))
+    labels = [m.label for m in methods(p)]
+    jobs: list[EvalJob] = []
+    limits: dict[str, int] = {}
+    part_root = ctx.layout.eval_shards(arch)
+    for label in labels:
+        out = ctx.layout.relevance(arch, label)
+        index = read_index(out)
+        n = index["num_items"]
+        n = n if settings.max_images is None else min(n, settings.max_images)
+        if n == 0:
+            raise ValueError(f"no explained images for method {label!r}")
+        limits[label] = n
+        for s in index["shards"]:
+            if s.start >= n:
+                break
+            count = min(s.count, n - s.start)
+            key = piece_key(
+                settings, method=label, shard_sha256=s.sha256, start=s.start, count=count,
+                model_sha256=model_sha,
+            )
+            jobs.append(EvalJob(
+                label, out / s.file, s.sha256, s.start, s.count, count,
+                part_root / label / f"{Path(s.file).stem}.json", key,
+            ))
+    _remove_stale_pieces(part_root, {j.out for j in jobs})
+    done = run_shard_tasks(
+        dispatch, evaluate_shard_task,
+        {"ctx": ctx, "arch": arch, "settings": settings, "model_sha256": model_sha,
+         "dataset_id": ds_id},
+        [{"job": j} for j in jobs], name=f"evaluate-shards-{arch}",
+    )
+    pieces: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    for job in jobs:
+        piece = read_piece(job.out, job.key)
+        if piece is None:
+            raise ShardError(f"{job.out}: partial result missing or stale after its task ran")
+        pieces[job.method].append(piece)
+    infos = {
+        label: {k: v[: limits[label]] for k, v in load_shards(
+            ctx.layout.relevance(arch, label), names=MERGE_ARRAYS).items()}
+        for label in labels
+    }
+    result = merge_pieces(pieces, infos, ds, settings)
+    write_outputs(
+        result, eval_dir=ctx.layout.evaluation(arch), metrics_file=ctx.layout.metrics(arch),
+        plots_dir=ctx.layout.plots(arch), composite=labels[0], compare=labels[1:],
+        title=f"{arch}: mean curves over {limits[labels[0]]} images",
+    )
+    scored = sum(1 for d in done if d)
+    log("%s evaluate: %d shards (%d reused)", arch, len(jobs), len(jobs) - scored)
+    return {"summary": result.summary, "scored": scored, "reused": len(jobs) - scored}
+
+
+def _remove_stale_pieces(root: Path, keep: set[Path]) -> None:
+    """Partial results of shards or methods that are no longer part of the stage."""
+    if not root.is_dir():
+        return
+    for path in root.rglob("*.json"):
+        if path not in keep:
+            path.unlink(missing_ok=True)
+    for tmp in root.rglob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params_path: str = "params.yaml", model: str = "small_resnet") -> dict[str, Any]:
+    """DVC stage ``evaluate@<model>``: one ``evaluate-shard`` task per explanation shard."""
+    ctx = load_context(params_path)
+    require_arch(ctx, model)
+    require_data(ctx)
+    with dispatcher(ctx.params.runtime) as dispatch:
+        return run_evaluate(ctx, model, dispatch)

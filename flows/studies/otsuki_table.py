@@ -1,8 +1,13 @@
 """Otsuki et al. (2024) Table 1 layout: methods x Ins / Del / ID, raw and heat-quantized.
 
-    python -m lrp.metrics.table --model resnet50 --weights imagenet --images /data/val --n 1000
-    python -m lrp.metrics.table --model ckpt.pt --images /data/cub/test --target label
-    python -m lrp.metrics.table            # offline smoke run: random resnet18, random images
+    python -m flows.studies.otsuki_table --model small_resnet      # the pipeline's trained model
+    python -m flows.studies.otsuki_table --checkpoint m.pt --images /data/cub/test --target label
+    python -m flows.studies.otsuki_table --model resnet50 --weights imagenet --images /data/val
+    python -m flows.studies.otsuki_table --model resnet18  # offline smoke run: random images
+
+``--model`` naming an architecture of ``params.yaml`` scores the model the train stage wrote
+(``outputs/models/<model>.pt``, rebuilt from its recorded architecture) on the pipeline's own
+explain split and writes ``outputs/studies/otsuki_table_<model>.json`` (not a DVC output).
 
 Protocol defaults follow Otsuki et al.: 500 pixels per step, zero baseline, softmax of the scored
 class, trapezoid AUC; ``--ties threshold`` reproduces their tie handling (tied pixels move together,
@@ -12,16 +17,23 @@ which flatters quantized maps: both tables are printed).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
+from flows import models
+from flows.config import ParamsError
+from flows.context import Context, dataset, load_context, load_trained
+from flows.data import collate
+from flows.io import write_json
+from flows.methods import MethodError, parse_method
 from lrp.baselines import BASELINES, lrp_methods, make_attributor
-from lrp.errors import InvalidInputError
 from lrp.metrics.insertion_deletion import insertion_deletion
 from lrp.postprocess import heat_quantization, reduce_channels
 
@@ -37,27 +49,6 @@ DEFAULT_METHODS = (
     "epsilon-plus-flat",
     "otsuki2024",
 )
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name"`` or ``"name:key=value,key=value"`` -> (name, options); values as int/float/str."""
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise InvalidInputError(f"method spec {spec!r}: option {item!r} is not key=value")
-        options[key.strip()] = _parse_value(value.strip())
-    return name.strip(), options
-
-
-def _parse_value(value: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
 def evaluate(
@@ -80,7 +71,7 @@ def evaluate(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     specs = [parse_method(m) for m in methods]
-    attributors = [make_attributor(model, name, **opts) for name, opts in specs]
+    attributors = [make_attributor(model, s.name, **s.options) for s in specs]
     sums: dict[tuple[int, bool], dict[str, float]] = {}
     params: dict[tuple[int, bool], dict[str, Any]] = {}
     for x, target in batches:
@@ -99,7 +90,6 @@ def evaluate(
                 params[(i, q)] = res.params
     rows = []
     for (i, q), acc in sums.items():
-        name, opts = specs[i]
         n = acc["n"]
         rows.append(
             {
@@ -111,8 +101,8 @@ def evaluate(
                 "n": n,
                 "params": {
                     **params[(i, q)],
-                    "method": name,
-                    "method_options": opts,
+                    "method": specs[i].name,
+                    "method_options": specs[i].options,
                     "reduce": reduce,
                     "heat_quantization": levels if q else None,
                 },
@@ -143,29 +133,26 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _load_model(spec: str, weights: str, num_classes: int | None) -> nn.Module:
-    import torchvision
-
-    if spec.endswith((".pt", ".pth")):
-        obj = torch.load(spec, map_location="cpu", weights_only=False)
-        if isinstance(obj, nn.Module):
-            return obj
-        state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-        if state is None:
-            raise InvalidInputError(f"--model {spec}: neither a module nor a state dict")
-        arch = next((a for a in ("resnet50", "resnet18") if a in spec), "resnet50")
-        k = state["fc.weight"].shape[0]
-        model = getattr(torchvision.models, arch)(num_classes=k)
-        model.load_state_dict(state)
-        return model
-    if not hasattr(torchvision.models, spec):
-        raise InvalidInputError(f"--model {spec!r}: not a torchvision model name or .pt file")
-    if weights == "imagenet":  # uses (and may download to) the torch hub cache
-        return getattr(torchvision.models, spec)(weights="DEFAULT")
-    return getattr(torchvision.models, spec)(num_classes=num_classes or 1000)
+def _load_model(args: argparse.Namespace, ctx: Context | None) -> nn.Module:
+    """A pipeline model (trained file, recorded architecture), a model file, or torchvision."""
+    if ctx is not None:
+        return load_trained(ctx, args.model, len(dataset(ctx, "all").classes))
+    if args.checkpoint:
+        return models.load_trained(Path(args.checkpoint), architecture=args.architecture)
+    models.check_name(args.model)
+    if args.weights == "imagenet":  # uses (and may download to) the torch hub cache
+        return torchvision.models.get_model(args.model, weights="DEFAULT")
+    return torchvision.models.get_model(args.model, num_classes=1000)
 
 
-def _batches(args: argparse.Namespace) -> tuple[list[tuple[Tensor, Tensor | None]], str]:
+def _batches(
+    args: argparse.Namespace, ctx: Context | None
+) -> tuple[list[tuple[Tensor, Tensor | None]], str]:
+    if ctx is not None:
+        ds = dataset(ctx, ctx.params.explain.split, args.n)
+        loader = DataLoader(ds, batch_size=args.batch, collate_fn=collate)
+        label = args.target == "label"
+        return [(b["image"], b["label"] if label else None) for b in loader], str(ds.root)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     if args.images is None:
@@ -196,11 +183,16 @@ def _batches(args: argparse.Namespace) -> tuple[list[tuple[Tensor, Tensor | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m lrp.metrics.table",
+        prog="python -m flows.studies.otsuki_table",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="resnet18", help="torchvision name or a .pt/.pth file")
+    p.add_argument("--model", default="resnet18",
+                   help="an architecture of --params (its trained model) or a torchvision name")
+    p.add_argument("--params", default="params.yaml", help="the pipeline's params file")
+    p.add_argument("--checkpoint", default=None, help="a model file instead of --model")
+    p.add_argument("--architecture", default=None,
+                   help="architecture of --checkpoint when the file does not record it")
     p.add_argument("--weights", choices=("random", "imagenet"), default="random")
     p.add_argument("--images", default=None, help="ImageFolder directory (default: random images)")
     p.add_argument("--n", type=int, default=32)
@@ -231,15 +223,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    model = _load_model(args.model, args.weights, None).eval().to(args.device)
-    batches, source = _batches(args)
+    try:
+        ctx = _pipeline_context(args)
+        model = _load_model(args, ctx).eval().to(args.device)
+        methods = [parse_method(m).spec for m in args.methods] if args.methods else None
+    except (models.ModelError, ParamsError, MethodError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if ctx is not None:
+        args.size = ctx.params.data.image_size
+        args.json = args.json or str(ctx.layout.studies() / f"otsuki_table_{args.model}.json")
+    batches, source = _batches(args, ctx)
     if source == "random":
         print(
             f"No --images: {args.n} random images, model {args.model} with {args.weights} "
             "weights. Numbers only show that the pipeline runs.",
             file=sys.stderr,
         )
-    methods = args.methods or [m for m in DEFAULT_METHODS if m in BASELINES or m in lrp_methods()]
+    methods = methods or [m for m in DEFAULT_METHODS if m in BASELINES or m in lrp_methods()]
     rows = evaluate(
         model,
         batches,
@@ -262,9 +263,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(Path(args.json), rows)
+        print(f"rows written to {args.json}", file=sys.stderr)
     return 0
+
+
+def _pipeline_context(args: argparse.Namespace) -> Context | None:
+    """The pipeline's context when ``--model`` is one of its architectures (and no checkpoint)."""
+    if args.checkpoint or not Path(args.params).is_file():
+        return None
+    ctx = load_context(args.params)
+    return ctx if args.model in ctx.params.model.architectures else None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Binder et al. 2016's comparison on a project-trained LRN model: AOPC of the Taylor LRN rule
 versus the identity baseline across epsilon values (region perturbation, METHOD.md section 2).
 
-    python -m flows.lrn_study --checkpoint outputs/models/lrn_cnn.pt --data data/synthetic
+    python -m flows.studies.lrn_study --checkpoint outputs/models/lrn_cnn.pt --data data/synthetic
 
 Only the rule of the ``nn.LocalResponseNorm`` layers changes between rows; every other layer keeps
 the rules of one composite (``--composite``, default ``epsilon-plus-flat``) with its own epsilon.
@@ -32,12 +32,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import lrp
+from flows import models
+from flows.data import ImageDataset, collate
+from flows.models import build_model
+from flows.training import train_model
 from lrp.metrics import perturbation_curve
 from lrp.rules.base import Rule
 from lrp.rules.lrn import LRNIdentity, LRNTaylor
-
-from .data import ImageDataset, collate
-from .models import build_model
 
 DEFAULT_EPSILONS = (1e-3, 1e-2, 1e-1, 1.0)
 #: epsilon of the alpha-beta rows (stabiliser only; the sign split does the work)
@@ -182,8 +183,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def train_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     """Train ``args.architecture`` on the train/val splits of ``args.data``; save the best weights."""
-    from .training import train_model
-
     train_ds = ImageDataset(args.data, size=args.image_size, split="train")
     val_ds = ImageDataset(args.data, size=args.image_size, split="val")
     torch.manual_seed(args.train_seed)
@@ -216,7 +215,8 @@ def train_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         "val_size": len(val_ds),
     }
     torch.save(
-        {"model": result.model.state_dict(), "epoch": result.best_epoch, **summary}, args.checkpoint
+        {"architecture": args.architecture, "model": result.model.state_dict(),
+         "epoch": result.best_epoch, **summary}, args.checkpoint,
     )
     print(
         f"trained {args.architecture}: val accuracy {result.val_accuracy:.3f} (epoch "
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         help="trained LRN model (state_dict or training checkpoint)",
     )
     p.add_argument(
-        "--architecture", default="lrn_cnn", help="model name for flows.models.build_model"
+        "--architecture", default=None,
+        help="architecture of --checkpoint (default: recorded in the file; lrn_cnn to train)",
     )
     p.add_argument(
         "--data", type=Path, required=True, help="dataset root (synthetic layout or ImageFolder)"
@@ -293,11 +294,16 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     if args.train_epochs > 0:
+        args.architecture = args.architecture or "lrn_cnn"
         train_checkpoint(args)
     dataset = ImageDataset(args.data, size=args.image_size, split=args.split, subset=args.n)
     if len(dataset) < args.n:
         print(f"note: split {args.split!r} of {args.data} has only {len(dataset)} images")
-    model = build_model(args.architecture, len(dataset.classes), checkpoint=args.checkpoint).eval()
+    try:
+        model = models.load_trained(args.checkpoint, len(dataset.classes), args.architecture)
+    except models.ModelError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    model = model.eval()
     batch = next(iter(DataLoader(dataset, batch_size=len(dataset), collate_fn=collate)))
     images, labels = batch["image"], batch["label"]
     with torch.no_grad():
@@ -317,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
     )
     print(
-        f"{args.architecture} from {args.checkpoint}: accuracy {accuracy:.3f} on the "
+        f"{type(model).__name__} from {args.checkpoint}: accuracy {accuracy:.3f} on the "
         f"{len(dataset)} {args.split} images of {args.data} (true class explained); other "
         f"layers: {args.composite}; region {args.region}, {rows[0]['params']['steps']} steps, "
         f"perturbation {args.perturbation}; {time.perf_counter() - start:.0f} s"

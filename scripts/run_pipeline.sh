@@ -41,9 +41,7 @@ echo
 echo "==> pipeline finished in $((END - START)) s"
 dvc status
 dvc metrics show
-cat <<
-dvc.lock changes after this on a fresh clone: CPU training is not bit-exact across machines.
-MSG
+cat <<MSG
 
 Results
   models       outputs/models/        relevance shards  outputs/relevance/<model>/

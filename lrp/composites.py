@@ -30,7 +30,6 @@ from .rules.pooling import Proportional
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DENSE_TYPES = (nn.Linear,)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
 @dataclass
@@ -40,7 +39,10 @@ class Composite:
     ``rules`` maps a module path (exact string) or a module type to a rule; paths win over types,
     ``first`` (if set) applies to the first Linear/Conv layer unless its path is mapped explicitly.
     ``fold_batchnorm`` folds BatchNorm into the preceding layer; ``output`` is the composite's
-    preferred initial relevance (``None``: the explainer's default).
+    preferred initial relevance (``None``: the explainer's default). ``stem_pool`` (if set) is
+    the rule of the stem's max-pool: the first max-pool, when no residual merge precedes it.
+    ``options`` are the option values the composite was built with; the engine's default rules
+    (pools, norms, biases of graph operations) take theirs from it.
     """
 
     name: str
@@ -48,6 +50,8 @@ class Composite:
     first: Rule | None = None
     fold_batchnorm: bool = True
     output: str | None = None
+    stem_pool: Rule | None = None
+    options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
 
     def rule_for(self, path: str, module: nn.Module, is_first: bool) -> Rule | None:
         if path in self.rules:
@@ -75,12 +79,16 @@ def _bounds(options: dict[str, Any]) -> tuple[Any, Any]:
     return low, high
 
 
+def _lrp0(o: dict[str, Any]) -> LRP0:
+    return LRP0(o["zero_bias"], empty=o["empty"])
+
+
 def _eps(o: dict[str, Any]) -> Epsilon:
-    return Epsilon(o["epsilon"], zero_bias=o["zero_bias"])
+    return Epsilon(o["epsilon"], zero_bias=o["zero_bias"], empty=o["empty"])
 
 
 def _epsilon_plus(o: dict[str, Any]) -> Composite:
-    zplus = ZPlus(o["stabilizer"], zero_bias=o["zero_bias"])
+    zplus = ZPlus(o["stabilizer"], zero_bias=o["zero_bias"], empty=o["empty"])
     return Composite("epsilon-plus", _linear_map(zplus, _eps(o)))
 
 
@@ -99,7 +107,7 @@ def _epsilon_gamma_box(o: dict[str, Any]) -> Composite:
 
 
 def _epsilon_alpha2_beta1(o: dict[str, Any]) -> Composite:
-    rules = _linear_map(AlphaBeta(2.0, 1.0, o["stabilizer"]), _eps(o))
+    rules = _linear_map(AlphaBeta(2.0, 1.0, o["stabilizer"], empty=o["empty"]), _eps(o))
     return Composite("epsilon-alpha2-beta1", rules)
 
 
@@ -110,24 +118,34 @@ def _epsilon_alpha2_beta1_flat(o: dict[str, Any]) -> Composite:
 
 def _otsuki2024(o: dict[str, Any]) -> Composite:
     eps = o.get("otsuki_epsilon", 1e-5)
-    zplus = ZPlus(stabilizer=eps, zero_bias=True)
+    zplus = ZPlus(stabilizer=eps, zero_bias=True, empty=o["empty"])
     rules: dict[str | type, Rule] = {
         CONV_TYPES: zplus,  # type: ignore[dict-item]
         DENSE_TYPES: zplus,  # type: ignore[dict-item]
         BATCHNORM_TYPES: Pass(),  # type: ignore[dict-item]
         nn.ReLU: Pass(),
-        # windows summing to exactly 0 share uniformly (empty="flat"), so no stabiliser is needed
-        MAXPOOL_TYPES: Proportional(
-            stabilizer=0.0, through=nn.AvgPool2d(2, 2, ceil_mode=True), empty="flat"
-        ),  # type: ignore[dict-item]
     }
+    # the stem's max-pool propagates as a 2x2 average pool; windows summing to exactly 0 share
+    # uniformly (empty="flat"), so no stabiliser is needed
+    stem = Proportional(stabilizer=0.0, through=nn.AvgPool2d(2, 2, ceil_mode=True), empty="flat")
     return Composite(
-        "otsuki2024", rules, first=ZPlusOnes(eps), fold_batchnorm=False, output="probability"
+        "otsuki2024",
+        rules,
+        first=ZPlusOnes(eps),
+        fold_batchnorm=False,
+        output="probability",
+        stem_pool=stem,
     )
 
 
+def _epsilon_transformer(o: dict[str, Any]) -> Composite:
+    """Transformers: epsilon on every Linear and the patch embedding; LayerNorm, attention (the
+    explainer's ``attention=``), GELU, embeddings and merges get the engine's graph rules."""
+    return Composite("epsilon-transformer", _linear_map(_eps(o), _eps(o)))
+
+
 _FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
-    "lrp-0": lambda o: Composite("lrp-0", _linear_map(LRP0(o["zero_bias"]), LRP0(o["zero_bias"]))),
+    "lrp-0": lambda o: Composite("lrp-0", _linear_map(_lrp0(o), _lrp0(o))),
     "epsilon": lambda o: Composite("epsilon", _linear_map(_eps(o), _eps(o))),
     "epsilon-plus": _epsilon_plus,
     "epsilon-plus-flat": _epsilon_plus_flat,
@@ -135,6 +153,7 @@ _FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
     "epsilon-alpha2-beta1": _epsilon_alpha2_beta1,
     "epsilon-alpha2-beta1-flat": _epsilon_alpha2_beta1_flat,
     "otsuki2024": _otsuki2024,
+    "epsilon-transformer": _epsilon_transformer,
 }
 
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -142,6 +161,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "stabilizer": 1e-6,
     "gamma": 0.25,
     "zero_bias": False,
+    "empty": "flat",
 }
 OPTION_NAMES = frozenset({*DEFAULT_OPTIONS, "input_bounds", "otsuki_epsilon"})
 
@@ -156,17 +176,25 @@ def get(name: str, **options: Any) -> Composite:
 
     ``options``: epsilon (epsilon rule), stabilizer (other rules), gamma, input_bounds (z^B),
     zero_bias (leave biases out of epsilon/LRP-0/z+ denominators: biases absorb relevance, so
-    only bias-free propagation is conservative), otsuki_epsilon (the otsuki2024 preset's 1e-5).
+    only bias-free propagation is conservative), otsuki_epsilon (the otsuki2024 preset's 1e-5),
+    empty ("flat": an output with no contribution to divide by shares its relevance uniformly
+    over its receptive field; "drop": the plain rules, which lose it).
     """
     if name not in _FACTORIES:
         raise InvalidInputError(f"composite={name!r} is not one of {names()}")
+    merged = _merged(options)
+    composite = _FACTORIES[name](merged)
+    composite.options = merged
+    return composite
+
+
+def _merged(options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(options) - OPTION_NAMES
     if unknown:
         raise InvalidInputError(
             f"unknown composite option(s) {sorted(unknown)}; valid: {sorted(OPTION_NAMES)}"
         )
-    merged = {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
-    return _FACTORIES[name](merged)
+    return {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
 
 
 def resolve(composite: str | Composite | Mapping[str | type, Rule], **options: Any) -> Composite:
@@ -176,7 +204,7 @@ def resolve(composite: str | Composite | Mapping[str | type, Rule], **options: A
     if isinstance(composite, str):
         return get(composite, **options)
     if isinstance(composite, Mapping):
-        return Composite("custom", dict(composite))
+        return Composite("custom", dict(composite), options=_merged(options))
     raise InvalidInputError(
         f"composite must be a name, a lrp.Composite or a dict, got {type(composite).__name__}"
     )

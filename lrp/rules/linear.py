@@ -63,13 +63,24 @@ class LinearRule(Rule):
 
 
 class Epsilon(LinearRule):
-    """c_jk = x_j w_jk, denominator z_k + eps * sign(z_k) (bias included unless ``zero_bias``)."""
+    """c_jk = x_j w_jk, denominator z_k + eps * sign(z_k) (bias included unless ``zero_bias``).
 
-    def __init__(self, epsilon: float = 1e-6, zero_bias: bool = False) -> None:
+    ``empty="flat"`` (default): an output whose denominator is exactly 0 before stabilising (no
+    input contributes; with ``zero_bias`` an output that is its bias alone, e.g. behind a dead
+    ReLU window of a depthwise conv) cannot pass its relevance on under the plain rule, which
+    drops it (``"drop"``, Zennit's behaviour). "flat" shares it uniformly over the output's
+    receptive field, as ``AlphaBeta`` does for outputs with no positive contribution, so LRP-0
+    with ``zero_bias`` stays conservative.
+    """
+
+    def __init__(self, epsilon: float = 1e-6, zero_bias: bool = False, empty: str = "flat") -> None:
         if epsilon < 0:
             raise ValueError(f"Epsilon: epsilon must be >= 0, got {epsilon}")
+        if empty not in ("flat", "drop"):
+            raise ValueError(f"Epsilon: empty={empty!r} is not one of ['flat', 'drop']")
         self.epsilon = float(epsilon)
         self.zero_bias = zero_bias
+        self.empty = empty
 
     def forward(self, layer, p, x, z):
         if self.zero_bias and layer.bias is not None:
@@ -78,17 +89,22 @@ class Epsilon(LinearRule):
 
     def backward(self, layer, p, x, saved, relevance):
         (den,) = saved  # private to this layer and used once: divide into its storage
-        return layer.linear_transpose(torch.div(relevance, den, out=den), x).mul_(x)
+        flat = None
+        if self.empty == "flat":  # stabilize() maps an exact 0 to +eps (or inf for eps = 0)
+            empty = den == (self.epsilon if self.epsilon > 0 else float("inf"))
+            flat = _flat_fallback(layer, empty, relevance, x)
+        r = layer.linear_transpose(torch.div(relevance, den, out=den), x).mul_(x)
+        return r if flat is None else r.add_(flat)
 
 
 class LRP0(Epsilon):
     """The basic rule (Bach et al. 2015): gradient x input on ReLU networks."""
 
-    def __init__(self, zero_bias: bool = False) -> None:
-        super().__init__(epsilon=0.0, zero_bias=zero_bias)
+    def __init__(self, zero_bias: bool = False, empty: str = "flat") -> None:
+        super().__init__(epsilon=0.0, zero_bias=zero_bias, empty=empty)
 
     def __repr__(self) -> str:
-        return f"LRP0(zero_bias={self.zero_bias})"
+        return f"LRP0(zero_bias={self.zero_bias}, empty={self.empty!r})"
 
 
 class Gamma(LinearRule):
@@ -139,6 +155,21 @@ class Gamma(LinearRule):
         return xp * (op.transpose(g_pos, p["wp"], x) + op.transpose(g_neg, p["wn"], x)) + xn * (
             op.transpose(g_pos, p["wn"], x) + op.transpose(g_neg, p["wp"], x)
         )
+
+
+def _flat_fallback(
+    layer: LinearRuleLayer, empty: Tensor, relevance: Tensor, x: Tensor, scale: float = 1.0
+) -> Tensor | None:
+    """The flat share of the outputs marked ``empty`` (None when there are none).
+
+    On the CPU, checking for empty outputs costs nothing and most layers have none, so the
+    spread is skipped there; on an accelerator the check would wait for the device, so the
+    spread (a channel sum and a depthwise box filter) always runs.
+    """
+    if empty.device.type == "cpu" and not bool(empty.any()):
+        return None
+    g = torch.where(empty, relevance * scale if scale != 1.0 else relevance, 0.0)
+    return _flat_transpose(layer, g, x)
 
 
 def _flat_transpose(layer: LinearRuleLayer, g: Tensor, x: Tensor) -> Tensor:
@@ -270,7 +301,7 @@ class AlphaBeta(LinearRule):
         flat = None
         if self.empty == "flat":  # before the denominator's storage is reused below
             empty = dens[0] == self._empty_value(layer, p, dens[0])
-            flat = _flat_transpose(layer, torch.where(empty, relevance * self.alpha, 0.0), x)
+            flat = _flat_fallback(layer, empty, relevance, x, self.alpha)
         # the denominators are private to this layer and used once: divide into their storage
         g_pos = torch.div(relevance, dens[0], out=dens[0])
         if self.alpha != 1.0:

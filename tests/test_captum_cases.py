@@ -13,13 +13,12 @@ ours on these cases (non-negative inputs, no biases). Captum's EpsilonRule on an
 is the proportional split of ``residual="proportional"``. Captum explains the target's output
 value (our ``output="logit"``).
 
-Four cases need the traced engine (models without Linear/Conv layers, an addition module inside a
-model, outputs of shape (N, K, *)); until it is merged they are expected to be refused.
+Four cases need the traced engine: models without Linear/Conv layers, an addition module inside
+a model, outputs of shape (N, K, *) explained for the target channel.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import Tensor, nn
 
@@ -27,12 +26,6 @@ import lrp
 
 EPS = lrp.rules.Epsilon(1e-9)
 ATOL = 1e-4  # Captum's assertTensorAlmostEqual default delta
-
-needs_traced_engine = pytest.mark.xfail(
-    raises=(lrp.UnsupportedLayerError, lrp.InvalidInputError),
-    strict=True,
-    reason="refused by the module-walking engine; accepted by the traced engine on main",
-)
 
 
 def check(relevance: Tensor, expected: list) -> None:
@@ -164,7 +157,6 @@ class AdditionModule(nn.Module):
         return x1 + x2
 
 
-@needs_traced_engine
 def test_skip_connection() -> None:
     """test_lrp_skip_connection: epsilon on the addition = proportional split; target 1."""
 
@@ -186,7 +178,6 @@ def test_skip_connection() -> None:
     check(e.relevance, [[10.0, 18.0]])
 
 
-@needs_traced_engine
 def test_maxpool1d_after_linear() -> None:
     """test_lrp_maxpool1D: output (N, K, 1); the tie goes to the first maximum (the gradient)."""
 
@@ -207,7 +198,6 @@ def test_maxpool1d_after_linear() -> None:
     check(e.relevance, [[[0.0, 0.0], [10.0, 12.0]]])
 
 
-@needs_traced_engine
 def test_maxpool2d_only() -> None:
     """test_lrp_maxpool2D: a model with no Linear/Conv layer, output (N, C, H, W)."""
     model = nn.Sequential(nn.MaxPool2d(2)).eval()
@@ -215,7 +205,6 @@ def test_maxpool2d_only() -> None:
     check(e.relevance, [[[[0.0, 0.0], [0.0, 6.0]]]])
 
 
-@needs_traced_engine
 def test_maxpool3d_only() -> None:
     """test_lrp_maxpool3D."""
     model = nn.Sequential(nn.MaxPool3d(2)).eval()

@@ -18,6 +18,7 @@ from .canonizers import disable_inplace
 from .errors import InvalidInputError
 from .graph import GraphSettings, prepare, recording
 from .metrics.conservation import conservation_error
+from .rules import lrn as lrn_rules
 from .rules.attention import MODES as ATTENTION_MODES
 from .rules.base import Rule
 from .rules.residual import resolve_mode
@@ -236,13 +237,11 @@ class Explainer:
 def _lrn_rule(lrn: str | Rule, epsilon: float | None) -> Rule:
     if isinstance(lrn, Rule):
         return lrn
-    from .rules import lrn as lrn_rules
-
     if lrn == "taylor":
         return lrn_rules.LRNTaylor() if epsilon is None else lrn_rules.LRNTaylor(epsilon=epsilon)
     if lrn == "identity":
         return lrn_rules.LRNIdentity()
-    raise InvalidInputError(f"lrn={lrn!r} is not one of ['taylor', 'identity'] or a lrp.rules rule")
+    raise InvalidInputError(f"lrn={lrn!r} is not one of {list(lrn_rules.MODES)} or a lrp.rules rule")
 
 
 def _check_logits(logits: Tensor, n: int, validate: bool = True) -> None:

@@ -391,6 +391,10 @@ def test_conservation_error() -> None:
     assert conservation_error(r[:2], 3.0).tolist() == pytest.approx([0.0, 2 / 3])
     with pytest.raises(InvalidInputError, match="initial"):
         conservation_error(r, torch.ones(3))
+    nan = r.clone()
+    nan[1, 0, 0] = float("nan")
+    err = conservation_error(nan, torch.tensor([3.0, 2.0, 0.0, 0.0]))
+    assert math.isnan(err[1].item()) and err[0].item() == 0.0  # NaN is reported, not raised
 
 
 # ----------------------------------------------------------------------------- table

@@ -635,6 +635,7 @@ EXPECTED_FIRST = {
     "epsilon-alpha2-beta1": lrp.rules.AlphaBeta,
     "epsilon-alpha2-beta1-flat": lrp.rules.Flat,
     "otsuki2024": lrp.rules.ZPlusOnes,
+    "epsilon-transformer": lrp.rules.Epsilon,
 }
 EXPECTED_CONV = {
     "lrp-0": lrp.rules.LRP0,
@@ -645,6 +646,7 @@ EXPECTED_CONV = {
     "epsilon-alpha2-beta1": lrp.rules.AlphaBeta,
     "epsilon-alpha2-beta1-flat": lrp.rules.AlphaBeta,
     "otsuki2024": lrp.rules.ZPlus,
+    "epsilon-transformer": lrp.rules.Epsilon,
 }
 EXPECTED_DENSE = {
     **dict.fromkeys(EXPECTED_FIRST, lrp.rules.Epsilon),

@@ -12,7 +12,8 @@ def conservation_error(relevance: Tensor, initial: Tensor | float) -> Tensor:
     """``|sum R - R0| / |R0|`` per sample, from input relevance (N, ...) and initial relevance.
 
     ``initial`` is (N,) or a scalar (the relevance put at the output: e.g. the target logit or
-    probability). A sample with ``R0 == 0`` gets 0 when its relevance also sums to 0, else inf.
+    probability). A sample with ``R0 == 0`` gets 0 when its relevance also sums to 0, else inf;
+    a sample with NaN relevance gets NaN (the caller reports it; the others are still measured).
     Computed in float64 so the error of a conservative rule is not hidden by rounding.
     """
     if not isinstance(relevance, Tensor) or relevance.dim() < 1 or relevance.shape[0] == 0:
@@ -26,10 +27,8 @@ def conservation_error(relevance: Tensor, initial: Tensor | float) -> Tensor:
             f"conservation_error: initial has {r0.numel()} entries for {n} relevance samples"
         )
     total = relevance.reshape(n, -1).double().sum(dim=1)
-    if torch.isnan(total).any() or torch.isnan(r0).any():
-        raise InvalidInputError("conservation_error: relevance or initial contains NaN")
     diff = (total - r0).abs()
     den = r0.abs()
     safe = torch.where(den > 0, den, torch.ones_like(den))
     zero_case = torch.where(diff > 0, torch.full_like(diff, float("inf")), torch.zeros_like(diff))
-    return torch.where(den > 0, diff / safe, zero_case)
+    return torch.where(den > 0, diff / safe, zero_case).where(~diff.isnan(), diff)

@@ -38,7 +38,10 @@ from .base import ModuleRule, Pass, stabilize
 Form = Literal["epsilon", "alpha-beta"]
 _FORMS = ("epsilon", "alpha-beta")
 
-__all__ = ["LRNIdentity", "LRNTaylor", "lrn_contributions", "lrn_relevance"]
+__all__ = ["MODES", "LRNIdentity", "LRNTaylor", "lrn_contributions", "lrn_relevance"]
+
+#: the explainer's ``lrn=`` names: Binder et al.'s Taylor rule, and the identity baseline
+MODES = ("taylor", "identity")
 
 
 def _shift_sum(t: Tensor, lo: int, hi: int) -> Tensor:

@@ -15,6 +15,12 @@ docs/ENGINE_API.md "Which operation gets which rule"):
   average pools get the proportional rule;
 - a product of a signal and a sigmoid/hard-sigmoid gate (squeeze-excitation) gives all relevance
   to the signal; multiplying or dividing by a constant is a linear scaling (relevance passes);
+- attention (:mod:`lrp.rules.attention`, ``attention=`` CP-LRP or AttnLRP): softmax, matmul and
+  two-operand einsum of input-dependent tensors, fused SDPA, ``nn.MultiheadAttention`` (replaced
+  by a decomposed copy) and torchvision Swin's fx-wrapped ``shifted_window_attention`` (replaced
+  by a module running it op by op with these rules);
+- constant operands of a cat/stack with input-dependent ones (ViT's class token) are tapped
+  (:func:`absorb_token`): the relevance they absorb is reported as ``Explanation.absorbed``;
 - anything else raises :class:`~lrp.errors.UnresolvedStructureError` naming the operation, the
   module path and the source line. Nothing silently falls back to the gradient.
 """
@@ -800,6 +806,14 @@ class _Builder:
                 return self.to_module_rule(node, fn, Proportional(self.options["stabilizer"]))
             if fn in attention.FUNCTIONS:
                 return self.to_attention(node, attention.FUNCTIONS[fn])
+            if fn in attention.EQUATION_FUNCTIONS:
+                ops = node.args[1:]
+                ops = ops[0] if len(ops) == 1 and isinstance(ops[0], list | tuple) else ops
+                if not isinstance(node.args[0], str) or len(ops) != 2:
+                    raise self.unsupported(
+                        node, f"'{_op_name(node)}' with {len(ops)} operands or no equation string "
+                        "(the rule is for a product of two tensors)")
+                return self.to_attention(node, attention.EQUATION_FUNCTIONS[fn])
             if fn in OUTPUT_SOFTMAX:
                 raise self.softmax_error(node)
         if arith in ("add", "sub"):

@@ -407,3 +407,17 @@ def test_vit_wrong_input_size_says_the_expected_size() -> None:
     with pytest.raises(InvalidInputError, match=r"\(1, 3, 48, 48\).*Expected 32"):
         explainer(torch.randn(1, 3, 48, 48, dtype=DT))
 
+
+
+def test_einsum_of_three_tensors_is_refused_by_name() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc(x)
+            return torch.einsum("bi,bi,bi->bi", h, h, h)
+
+    with pytest.raises(UnsupportedLayerError, match="'einsum' with 3 operands"):
+        lrp.Explainer(Model().to(DT).eval(), "epsilon-transformer")(torch.randn(2, 4, dtype=DT))

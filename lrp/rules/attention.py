@@ -595,10 +595,12 @@ FUNCTIONS: dict[Any, Callable[..., Tensor]] = {
     operator.matmul: matmul,
     F.softmax: softmax,
     torch.softmax: softmax,
-    torch.einsum: einsum,
 }
 #: call_method names (``attn.softmax(dim=-1)``, ``q.matmul(k)``) -> rule function
 METHODS: dict[str, Callable[..., Tensor]] = {"softmax": softmax, "matmul": matmul, "bmm": matmul}
+#: call_function targets whose first argument is an equation: ``rule(eq, *operands, mode=...,
+#: epsilon=...)``
+EQUATION_FUNCTIONS: dict[Any, Callable[..., Tensor]] = {torch.einsum: einsum}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -306,7 +306,9 @@ def absorb_token(c: Tensor, dim: int | None, path: str) -> Tensor:
     (sequence-first layouts); ``dim=None`` marks a stack (batch dim 0). Otherwise it is ``c``.
     """
     taps = _ABSORBED.get()
-    if taps is None or not isinstance(c, Tensor) or not torch.is_grad_enabled():
+    if taps is None or not isinstance(c, Tensor) or not c.is_floating_point() or (
+        not torch.is_grad_enabled()
+    ):
         return c
     leaf = c.detach().requires_grad_(True)
     batch = 0 if dim is None or c.ndim < 2 or dim % c.ndim != 0 else 1

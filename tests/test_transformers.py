@@ -421,3 +421,37 @@ def test_einsum_of_three_tensors_is_refused_by_name() -> None:
 
     with pytest.raises(UnsupportedLayerError, match="'einsum' with 3 operands"):
         lrp.Explainer(Model().to(DT).eval(), "epsilon-transformer")(torch.randn(2, 4, dtype=DT))
+
+
+class _SeqFirstToken(nn.Module):
+    """A token concatenated along dim 0 of a (L, N, E) sequence (sequence-first layout)."""
+
+    def __init__(self, along_batch: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 3)
+        self.token = nn.Parameter(torch.randn(1, 1, 4))
+        self.along_batch = along_batch
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.along_batch:  # (N, 4) + a constant row: the token is no sample's
+            return self.fc2(torch.cat([h, self.token[0]], 0))[: x.shape[0]]
+        h = torch.cat([self.token.expand(1, x.shape[0], 4), h.unsqueeze(0)], 0)
+        return self.fc2(h.sum(0))
+
+
+def test_absorbed_in_a_sequence_first_cat() -> None:
+    torch.manual_seed(0)
+    model = _SeqFirstToken().to(DT).eval()
+    e = lrp.Explainer(model, "epsilon", **EXACT)(torch.randn(3, 4, dtype=DT))
+    assert (e.absorbed.abs() > 1e-6).all()
+    assert (_gap(e) < 1e-8).all(), _gap(e)
+
+
+def test_absorbed_is_none_with_a_warning_when_no_batch_dim() -> None:
+    torch.manual_seed(0)
+    model = _SeqFirstToken(along_batch=True).to(DT).eval()
+    with pytest.warns(UserWarning, match="no batch dim of size 3"):
+        e = lrp.Explainer(model, "epsilon", **EXACT)(torch.randn(3, 4, dtype=DT))
+    assert e.absorbed is None

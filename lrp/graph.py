@@ -742,8 +742,8 @@ class _Builder:
             if zero_key_bias and b is not None:  # V2 zeroes the key bias (torchvision does too)
                 b = b.clone()
                 b[b.numel() // 3 : 2 * (b.numel() // 3)] = 0
-            target = str(weight.target) if isinstance(weight, fx.Node) else ""
-            path = (target.rpartition(".")[0] if weight.op == "get_attr" else "") or ".".join(
+            attr = isinstance(weight, fx.Node) and weight.op == "get_attr"
+            path = (str(weight.target).rpartition(".")[0] if attr else "") or ".".join(
                 p for p in (scope(node), name) if p)
             return self.wrap_projection(attention._view_linear(w, b), path)
 

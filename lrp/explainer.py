@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import composites as composites_mod
 from .canonizers import disable_inplace
 from .errors import InvalidInputError
-from .graph import GraphSettings, prepare, recording
+from .graph import GraphSettings, collecting, prepare, recording
 from .metrics.conservation import conservation_error
 from .rules import lrn as lrn_rules
 from .rules.attention import MODES as ATTENTION_MODES
@@ -35,6 +35,11 @@ class Explanation:
     target: Tensor
     initial: Tensor
     layer_relevance: dict[str, Tensor] | None = field(default=None, repr=False)
+    #: (N,) relevance absorbed by constant tensors concatenated into the input-dependent ones
+    #: (ViT's class token, register/distillation tokens): it leaves the propagation there, like
+    #: a bias's share, and is not in ``relevance``. Zeros when the model has none; None when a
+    #: token could not be assigned to samples (a warning says which). Bias shares not included.
+    absorbed: Tensor | None = None
 
 
 def conservation(explanation: Explanation) -> Tensor:
@@ -163,7 +168,10 @@ class Explainer:
         model = self.prepared_model()
         x = self._check_input(x, validate)
         records: dict[str, Tensor] = {}
-        with torch.enable_grad(), recording(records) if record_layers else nullcontext():
+        taps: list[tuple[Tensor, int, str]] = []
+        with torch.enable_grad(), collecting(taps), (
+            recording(records) if record_layers else nullcontext()
+        ):
             x = x.requires_grad_(True)
             try:
                 logits = model(x)
@@ -176,7 +184,10 @@ class Explainer:
             _check_logits(logits, x.shape[0], validate)
             target_t = _resolve_target(target, logits, validate)
             initial_map = self._initial_relevance(logits.detach(), target_t, output_relevance)
-            (relevance,) = torch.autograd.grad(logits, x, initial_map)
+            relevance, *token_grads = torch.autograd.grad(
+                logits, [x, *(t for t, _, _ in taps)], initial_map, allow_unused=True
+            )
+        absorbed = _absorbed(taps, token_grads, x.shape[0], relevance)
         bad = ~torch.isfinite(relevance).flatten(1).all(1) if validate else None
         if bad is not None and bad.any():
             warnings.warn(
@@ -188,6 +199,7 @@ class Explainer:
             target=target_t,
             initial=initial_map.flatten(1).sum(1),
             layer_relevance=records or None,
+            absorbed=absorbed,
         )
 
     def _check_input(self, x: Tensor, validate: bool = True) -> Tensor:
@@ -232,6 +244,26 @@ class Explainer:
         initial = torch.zeros_like(logits)
         index = target.view(-1, *([1] * (logits.ndim - 1))).expand(-1, 1, *logits.shape[2:])
         return initial.scatter_(1, index, values.gather(1, index))
+
+
+def _absorbed(
+    taps: list[tuple[Tensor, int, str]], grads: list[Tensor | None], n: int, relevance: Tensor
+) -> Tensor | None:
+    """Per-sample sum of the relevance that reached the constant tokens (see ``absorbed``)."""
+    total = relevance.new_zeros(relevance.shape[0], dtype=relevance.dtype)
+    for (leaf, batch, path), g in zip(taps, grads, strict=True):
+        if g is None:  # nothing reached it (e.g. a branch the rules cut off)
+            continue
+        if g.ndim <= batch or g.shape[batch] != n:
+            warnings.warn(
+                f"the constant concatenated at '{path}' has shape {tuple(leaf.shape)}, with no "
+                f"batch dim of size {n}; its absorbed relevance is not per sample "
+                "(Explanation.absorbed is None)",
+                stacklevel=3,
+            )
+            return None
+        total = total + g.detach().movedim(batch, 0).reshape(n, -1).sum(1).to(total.dtype)
+    return total
 
 
 def _lrn_rule(lrn: str | Rule, epsilon: float | None) -> Rule:

@@ -15,6 +15,12 @@ docs/ENGINE_API.md "Which operation gets which rule"):
   average pools get the proportional rule;
 - a product of a signal and a sigmoid/hard-sigmoid gate (squeeze-excitation) gives all relevance
   to the signal; multiplying or dividing by a constant is a linear scaling (relevance passes);
+- attention (:mod:`lrp.rules.attention`, ``attention=`` CP-LRP or AttnLRP): softmax, matmul and
+  two-operand einsum of input-dependent tensors, fused SDPA, ``nn.MultiheadAttention`` (replaced
+  by a decomposed copy) and torchvision Swin's fx-wrapped ``shifted_window_attention`` (replaced
+  by a module running it op by op with these rules);
+- constant operands of a cat/stack with input-dependent ones (ViT's class token) are tapped
+  (:func:`absorb_token`): the relevance they absorb is reported as ``Explanation.absorbed``;
 - anything else raises :class:`~lrp.errors.UnresolvedStructureError` naming the operation, the
   module path and the source line. Nothing silently falls back to the gradient.
 """
@@ -32,6 +38,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.operator_schemas import normalize_function
+from torchvision.models import swin_transformer
 from torchvision.ops import stochastic_depth
 
 from .canonizers import BATCHNORM_TYPES, LINEAR_TYPES, batchnorm_affine, can_fold, materialize_fold
@@ -107,6 +114,7 @@ GRADIENT_FUNCTIONS: set[Any] = {
     operator.getitem,
     torch.cat,
     torch.concat,
+    torch.concatenate,
     torch.stack,
     torch.chunk,
     torch.split,
@@ -139,6 +147,7 @@ GRADIENT_FUNCTIONS: set[Any] = {
     F.dropout3d,
     F.alpha_dropout,
     stochastic_depth,
+    swin_transformer._patch_merging_pad,  # fx-wrapped in torchvision: pad, strided slices, cat
 }
 MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
@@ -229,6 +238,10 @@ LAYER_FUNCTIONS = {
     F.local_response_norm,
 }
 OUTPUT_SOFTMAX = {F.log_softmax, torch.log_softmax}
+# Concatenations whose constant operands (a class token) absorb relevance, measured per sample.
+CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+# fx-wrapped (leaf) attention functions the engine re-runs op by op with its rules.
+WINDOW_ATTENTION = {swin_transformer.shifted_window_attention}
 _ARITHMETIC_METHODS = {"add": ADD, "sub": SUB, "mul": MUL, "div": DIV, "neg": NEG}
 
 
@@ -276,6 +289,44 @@ def record_relevance(x: Any, path: str) -> None:
         records[path] = records[path] + total if path in records else total
 
     x.register_hook(hook)
+
+
+# ------------------------------------------------------------------ relevance absorbed by tokens
+_ABSORBED: contextvars.ContextVar[list[tuple[Tensor, int, str]] | None] = contextvars.ContextVar(
+    "lrp_absorbed", default=None
+)
+
+
+def absorb_token(c: Tensor, dim: int | None, path: str) -> Tensor:
+    """A constant operand of a concatenation with input-dependent tensors (ViT's class token).
+
+    The relevance that reaches it is absorbed, like a bias's share. While the explainer collects
+    (:class:`collecting`), the constant is replaced by a detached leaf whose gradient is that
+    relevance, recorded with its batch dim: dim 0, or dim 1 for a concatenation along dim 0
+    (sequence-first layouts); ``dim=None`` marks a stack (batch dim 0). Otherwise it is ``c``.
+    """
+    taps = _ABSORBED.get()
+    if taps is None or not isinstance(c, Tensor) or not c.is_floating_point() or (
+        not torch.is_grad_enabled()
+    ):
+        return c
+    leaf = c.detach().requires_grad_(True)
+    batch = 0 if dim is None or c.ndim < 2 or dim % c.ndim != 0 else 1
+    taps.append((leaf, batch, path))
+    return leaf
+
+
+class collecting:  # noqa: N801 (a context manager used like a function)
+    """``with collecting(taps):`` records the constant tokens' leaves (:func:`absorb_token`)."""
+
+    def __init__(self, taps: list[tuple[Tensor, int, str]]) -> None:
+        self.taps = taps
+
+    def __enter__(self) -> None:
+        self.token = _ABSORBED.set(self.taps)
+
+    def __exit__(self, *exc: object) -> None:
+        _ABSORBED.reset(self.token)
 
 
 class recording:  # noqa: N801 (a context manager used like a function)
@@ -649,6 +700,67 @@ class _Builder:
         self.dep.add(new)
         self.replace(node, new)
 
+    def tap_constants(self, node: fx.Node) -> None:
+        """Constant operands of a cat/stack with input-dependent ones go through
+        :func:`absorb_token`, so the relevance they absorb is reported per sample."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        if not isinstance(tensors, list | tuple):
+            return
+        if node.target is torch.stack:
+            dim = None
+        else:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if not isinstance(dim, int):
+                raise self.unsupported(node, f"'{_op_name(node)}' along a computed dim")
+        new = []
+        for t in tensors:
+            if isinstance(t, fx.Node) and t not in self.dep:
+                with self.graph.inserting_before(node):
+                    t = self.graph.call_function(absorb_token, (t, dim, self.path(node)))
+            new.append(t)
+        if node.args:
+            node.args = (type(tensors)(new), *node.args[1:])
+        else:
+            node.kwargs = {**node.kwargs, "tensors": type(tensors)(new)}
+
+    def to_window_attention(self, node: fx.Node) -> None:
+        """torchvision Swin's fx-wrapped ``shifted_window_attention`` (V1 and V2): a module running
+        it op by op with the engine's rules (:class:`attention.ShiftedWindowAttentionLRP`)."""
+        import inspect
+
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        if a["input"] not in self.dep or any(
+            isinstance(v, fx.Node) and v in self.dep for k, v in a.items() if k != "input"
+        ):
+            raise self.unsupported(node, "'shifted_window_attention' with input-dependent weights")
+        logit_scale = a["logit_scale"]
+
+        def linear(weight: Any, bias: Any, name: str, zero_key_bias: bool = False) -> nn.Module:
+            w, b = self.constant(weight), self.constant(bias)
+            if zero_key_bias and b is not None:  # V2 zeroes the key bias (torchvision does too)
+                b = b.clone()
+                b[b.numel() // 3 : 2 * (b.numel() // 3)] = 0
+            attr = isinstance(weight, fx.Node) and weight.op == "get_attr"
+            path = (str(weight.target).rpartition(".")[0] if attr else "") or ".".join(
+                p for p in (scope(node), name) if p)
+            return self.wrap_projection(attention._view_linear(w, b), path)
+
+        module = attention.ShiftedWindowAttentionLRP(
+            linear(a["qkv_weight"], a["qkv_bias"], "qkv", logit_scale is not None),
+            linear(a["proj_weight"], a["proj_bias"], "proj"),
+            scope(node), mode=self.s.attention, epsilon=self.options["epsilon"],
+            zero_bias=self.options["zero_bias"])
+        target = self.new_target(module, node)
+        kwargs = {k: a[k] for k in ("window_size", "num_heads", "shift_size", "attention_dropout",
+                                    "dropout", "logit_scale", "training")}
+        with self.graph.inserting_before(node):
+            new = self.graph.call_module(target, (a["input"], a["relative_position_bias"]), kwargs)
+        self.kinds[new] = ("attention", type(module))
+        self.dep.add(new)
+        self.replace(node, new)
+
     def is_final(self, node: fx.Node) -> bool:
         """Whether ``node``'s value is the model output (up to reshapes): an output softmax."""
         out = next(n for n in self.graph.nodes if n.op == "output").args[0]
@@ -680,6 +792,10 @@ class _Builder:
                 if node.args[1] in ("T", "mT"):
                     return
                 raise self.unsupported(node, f"attribute '{node.args[1]}' of a tensor")
+            if fn in WINDOW_ATTENTION:
+                return self.to_window_attention(node)
+            if fn in CONCAT_FUNCTIONS:
+                self.tap_constants(node)
             if fn in GRADIENT_FUNCTIONS:
                 if node is self.stem_pool:
                     return self.to_module_rule(node, fn, self.s.composite.stem_pool)
@@ -692,6 +808,14 @@ class _Builder:
                 return self.to_module_rule(node, fn, Proportional(self.options["stabilizer"]))
             if fn in attention.FUNCTIONS:
                 return self.to_attention(node, attention.FUNCTIONS[fn])
+            if fn in attention.EQUATION_FUNCTIONS:
+                ops = node.args[1:]
+                ops = ops[0] if len(ops) == 1 and isinstance(ops[0], list | tuple) else ops
+                if not isinstance(node.args[0], str) or len(ops) != 2:
+                    raise self.unsupported(
+                        node, f"'{_op_name(node)}' with {len(ops)} operands or no equation string "
+                        "(the rule is for a product of two tensors)")
+                return self.to_attention(node, attention.EQUATION_FUNCTIONS[fn])
             if fn in OUTPUT_SOFTMAX:
                 raise self.softmax_error(node)
         if arith in ("add", "sub"):

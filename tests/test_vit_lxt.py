@@ -296,7 +296,7 @@ def test_lxt_cp_conserves_on_the_bias_free_vit(lxt: types.SimpleNamespace) -> No
 
 
 # ---------------------------------------------------------------------------------------------
-# a hand-built prepared copy of the torchvision ViT (until the engine's graph pass lands): the
+# a hand-built prepared copy of the torchvision ViT (a check independent of the graph pass): the
 # attention module under test inside a whole model, the other parts by test-local rules
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidInputError, UnsupportedLayerError
 from .base import stabilize
+from .elementwise import bias_add, passthrough_of
 
 Mode = Literal["cp", "attnlrp"]
 MODES: tuple[str, ...] = ("cp", "attnlrp")
@@ -177,7 +178,8 @@ def matmul(a: Tensor, b: Tensor, mode: str = "attnlrp", epsilon: float = 1e-6) -
     if only one factor requires grad the product is linear in it and it gets all relevance
     (epsilon rule), as LXT's ``mul2`` does, instead of losing half to a constant.
     ``"cp"``: ``a`` is held constant (it is the attention matrix in ``attn @ v``) and all relevance
-    goes to ``b`` by the epsilon rule. For ``q @ k^T`` under CP the choice is immaterial: its only
+    goes to ``b`` by the epsilon rule; if ``b`` is the constant one (``v^T @ attn^T``, the CP
+    softmax output is detached), all relevance goes to ``a``. For ``q @ k^T`` under CP the choice is immaterial: its only
     consumer is the CP softmax, whose output is detached, so autograd never reaches this product
     and q and k get no relevance.
     """
@@ -188,13 +190,83 @@ def matmul(a: Tensor, b: Tensor, mode: str = "attnlrp", epsilon: float = 1e-6) -
         )
     if epsilon < 0:
         raise InvalidInputError(f"attention matmul: epsilon must be >= 0, got {epsilon}")
-    if mode == "cp" or not a.requires_grad:
+    if not a.requires_grad or (mode == "cp" and b.requires_grad):
         return _MatmulConstFirst.apply(a, b, float(epsilon))
     if not b.requires_grad:  # a product with a constant is linear: all relevance to a
         return _MatmulConstFirst.apply(
             b.transpose(-1, -2), a.transpose(-1, -2), float(epsilon)
         ).transpose(-1, -2)
     return _MatmulUniform.apply(a, b, float(epsilon))
+
+
+class _EinsumRule(torch.autograd.Function):
+    """``z = einsum(equation, a, b)``, bilinear; backward by the epsilon rule on its contributions.
+
+    ``share`` of R_z goes to ``a`` and ``1 - share`` to ``b`` (``a`` gets none when
+    ``needs_input_grad`` says so): R_a = a * d<z, share R / stab(z)>/da, R_b likewise. einsum is
+    linear in each operand, so ``a * grad_a`` is the sum of a's contributions whatever the
+    equation (repeated, summed, broadcast ``...`` indices); the gradient is recomputed here by
+    autograd on detached copies instead of deriving a transposed equation per case.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, equation: str, a: Tensor, b: Tensor, epsilon: float, share: float
+    ) -> Tensor:
+        z = torch.einsum(equation, a, b)
+        ctx.equation, ctx.epsilon, ctx.share = equation, epsilon, share
+        ctx.save_for_backward(a, b, z)
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:
+        a, b, z = ctx.saved_tensors
+        s = relevance / stabilize(z, ctx.epsilon)
+        need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        with torch.enable_grad():
+            a_ = a.detach().requires_grad_(need_a)
+            b_ = b.detach().requires_grad_(need_b)
+            z_ = torch.einsum(ctx.equation, a_, b_)
+            inputs = [t for t, need in ((a_, need_a), (b_, need_b)) if need]
+            grads = list(torch.autograd.grad(z_, inputs, s))
+        ra = a * grads.pop(0) * ctx.share if need_a else None
+        rb = b * grads.pop(0) * (1.0 - ctx.share if need_a else 1.0) if need_b else None
+        return None, ra, rb, None, None
+
+
+def einsum(
+    equation: str, *operands: Tensor | list[Tensor], mode: str = "attnlrp", epsilon: float = 1e-6
+) -> Tensor:
+    """``torch.einsum(equation, a, b)`` of exactly two tensors (MaxViT's ``q k^T`` and ``attn v``).
+
+    The same rules as :func:`matmul`: ``"attnlrp"``: the uniform rule (half of each output's
+    relevance to each factor, each by the epsilon rule); ``"cp"``: the first operand is held
+    constant, all relevance to the second. Where only one operand requires grad (a constant, or
+    the detached CP softmax output) the product is linear in the other, which gets all relevance
+    by the epsilon rule. ``torch.einsum(eq, [a, b])`` (operands as one list) is accepted.
+    """
+    _check_mode(mode)
+    if len(operands) == 1 and isinstance(operands[0], list | tuple):
+        operands = tuple(operands[0])
+    if not isinstance(equation, str) or len(operands) != 2 or not all(
+        isinstance(t, Tensor) for t in operands
+    ):
+        raise InvalidInputError(
+            "the einsum rule needs an equation string and exactly two tensor operands, got "
+            f"{len(operands)} operands"
+        )
+    if epsilon < 0:
+        raise InvalidInputError(f"einsum: epsilon must be >= 0, got {epsilon}")
+    a, b = operands
+    if not a.requires_grad and not b.requires_grad:
+        return torch.einsum(equation, a, b)
+    if not b.requires_grad:
+        share = 1.0
+    elif not a.requires_grad or mode == "cp":
+        a, share = a.detach(), 0.0
+    else:
+        share = 0.5
+    return _EinsumRule.apply(equation, a, b, float(epsilon), share)
 
 
 class _ScalePass(torch.autograd.Function):
@@ -526,3 +598,132 @@ FUNCTIONS: dict[Any, Callable[..., Tensor]] = {
 }
 #: call_method names (``attn.softmax(dim=-1)``, ``q.matmul(k)``) -> rule function
 METHODS: dict[str, Callable[..., Tensor]] = {"softmax": softmax, "matmul": matmul, "bmm": matmul}
+#: call_function targets whose first argument is an equation: ``rule(eq, *operands, mode=...,
+#: epsilon=...)``
+EQUATION_FUNCTIONS: dict[Any, Callable[..., Tensor]] = {torch.einsum: einsum}
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision Swin: shifted_window_attention (fx-wrapped, so one leaf call in the traced graph)
+
+
+class ShiftedWindowAttentionLRP(nn.Module):
+    """torchvision's ``shifted_window_attention`` (Swin V1 and V2) op by op with the engine's rules.
+
+    torchvision marks the function ``torch.fx.wrap``: its Python control flow depends on the
+    feature-map size (``if window_size[0] >= pad_H``: no shift when one window covers the map),
+    which symbolic tracing cannot follow. The graph pass therefore replaces the leaf call by this
+    module, which runs torchvision's code line by line (same values, tested bit for bit) with each
+    op under the rule the graph pass gives it elsewhere: pad, roll, window partition/reverse and
+    head reshapes move relevance (gradient); the qkv and output projections are the composite's
+    linear rule (``qkv``/``proj`` are the user's ``nn.Linear`` modules, wrapped by path); ``q *
+    scale`` and V2's ``* logit_scale`` are constant scalings (relevance passes); V2's
+    ``F.normalize`` of q and k holds the norm constant (relevance passes, as LayerNorm holds its
+    std); ``q @ k^T`` and ``attn @ v`` by :func:`matmul`, the softmax by :func:`softmax`; the
+    relative position bias and the shift mask (-100 off-window) are biases of the logits
+    (:func:`lrp.rules.elementwise.bias_add` with the composite's epsilon and zero_bias).
+    """
+
+    def __init__(
+        self,
+        qkv: nn.Module,
+        proj: nn.Module,
+        path: str = "",
+        *,
+        mode: str = "attnlrp",
+        epsilon: float = 1e-6,
+        zero_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_mode(mode)
+        self.qkv, self.proj = qkv, proj
+        self.path, self.mode = path, mode
+        self.epsilon, self.zero_bias = float(epsilon), zero_bias
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, epsilon={self.epsilon}, zero_bias={self.zero_bias}"
+
+    def forward(
+        self,
+        input: Tensor,
+        relative_position_bias: Tensor,
+        window_size: list[int],
+        num_heads: int,
+        shift_size: list[int],
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+        logit_scale: Tensor | None = None,
+        training: bool = True,
+    ) -> Tensor:
+        if training and (attention_dropout > 0 or dropout > 0):
+            raise UnsupportedLayerError(
+                f"shifted_window_attention at '{self.path}' has dropout in training mode: "
+                "explain in eval mode"
+            )
+        eps, zb = self.epsilon, self.zero_bias
+        B, H, W, C = input.shape
+        pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
+        pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
+        x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+        _, pad_H, pad_W, _ = x.shape
+        shift_size = list(shift_size)
+        if window_size[0] >= pad_H:
+            shift_size[0] = 0
+        if window_size[1] >= pad_W:
+            shift_size[1] = 0
+        if sum(shift_size) > 0:
+            x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+        num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
+        x = x.view(B, pad_H // window_size[0], window_size[0], pad_W // window_size[1],
+                   window_size[1], C)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
+        qkv = self.qkv(x)
+        qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if logit_scale is not None:  # V2: cosine attention, norms held constant
+            normalize = passthrough_of(F.normalize)
+            attn = matmul(normalize(q, dim=-1), normalize(k, dim=-1).transpose(-2, -1),
+                          self.mode, eps)
+            scale = torch.clamp(logit_scale, max=math.log(100.0)).exp()
+            attn = passthrough_of(operator.mul)(attn, scale)
+        else:
+            q = scale_pass(q, (C // num_heads) ** -0.5)
+            attn = matmul(q, k.transpose(-2, -1), self.mode, eps)
+        attn = bias_add(attn, relative_position_bias, eps, zb)
+        if sum(shift_size) > 0:
+            attn = bias_add(attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1),
+                                      x.size(1)),
+                            _shift_mask(x, pad_H, pad_W, window_size, shift_size, num_windows),
+                            eps, zb)
+            attn = attn.view(-1, num_heads, x.size(1), x.size(1))
+        attn = softmax(attn, -1, self.mode)
+        x = matmul(attn, v, self.mode, eps).transpose(1, 2).reshape(x.size(0), x.size(1), C)
+        x = self.proj(x)
+        x = x.view(B, pad_H // window_size[0], pad_W // window_size[1], window_size[0],
+                   window_size[1], C)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
+        if sum(shift_size) > 0:
+            x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+        return x[:, :H, :W, :].contiguous()
+
+
+def _shift_mask(
+    x: Tensor, pad_H: int, pad_W: int, window_size: list[int], shift_size: list[int],
+    num_windows: int,
+) -> Tensor:
+    """torchvision's shifted-window mask (0 within a region, -100 across), (1, nW, 1, L, L)."""
+    attn_mask = x.new_zeros((pad_H, pad_W))
+    h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+    w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+    count = 0
+    for h in h_slices:
+        for w in w_slices:
+            attn_mask[h[0] : h[1], w[0] : w[1]] = count
+            count += 1
+    attn_mask = attn_mask.view(pad_H // window_size[0], window_size[0], pad_W // window_size[1],
+                               window_size[1])
+    attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+    attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
+    attn_mask = attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(
+        attn_mask == 0, 0.0)
+    return attn_mask.unsqueeze(1).unsqueeze(0)

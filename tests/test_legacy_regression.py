@@ -1,0 +1,100 @@
+"""Regression against the legacy engine (issue 11): on VGG, ResNet and ResNeXt the relevance must
+equal, to 1e-10 relative in float64, what the engine of commit 5417643 computed for every
+composite and residual mode.
+
+The expected values are the explicitly labelled legacy references in
+``tests/data/legacy_relevance.pt``, produced by ``tests/make_legacy_references.py`` with that
+engine; models and inputs are rebuilt here from the same seeds.
+
+One documented exception: the legacy ``otsuki2024`` preset drops the relevance of z+ outputs with
+no positive contribution inside ResNeXt's 4-channel groups (about 1 % here; issue 11 asks for it
+to be redistributed). Those entries must either still equal the legacy values, or differ only by
+recovered relevance: never less than the legacy relevance anywhere (every z+ coefficient, pool
+share and split share of that preset is non-negative, so extra relevance can only add), and, in
+the conservative residual modes, conserved to < 1e-4.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from make_legacy_references import (
+    CASES,
+    DATA,
+    build_model,
+    composite_options,
+    key,
+    make_input,
+    parameter_checksum,
+)
+from torch import nn
+
+import lrp
+
+RTOL = 1e-10
+
+
+@functools.cache
+def _references() -> dict[str, object]:
+    return torch.load(DATA, weights_only=True)
+
+
+@functools.cache
+def _model(name: str) -> nn.Module:
+    return build_model(name)
+
+
+ENTRIES = [
+    (name, composite, residual)
+    for name, case in CASES.items()
+    for composite in lrp.composites.names()
+    for residual in case.residual_modes
+]
+# legacy z+ drops relevance in grouped convolutions (issue 11): a fix may add relevance here
+RECOVERABLE = {e for e in ENTRIES if e[0].startswith("resnext") and e[1] == "otsuki2024"}
+
+
+def test_reference_file_covers_every_composite_and_mode() -> None:
+    """A composite or residual mode added later must get a reference (regenerate the file)."""
+    assert set(_references()["relevance"]) == {key(*e) for e in ENTRIES}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_models_and_inputs_rebuild_identically(name: str) -> None:
+    """A model built differently (another torch/torchvision init) would make every relevance
+    comparison fail for a reason that is not the engine's."""
+    meta = _references()["meta"][name]
+    model = _model(name)
+    torch.testing.assert_close(parameter_checksum(model), meta["checksum"], rtol=1e-12, atol=0)
+    with torch.no_grad():
+        logits = model(make_input(name))
+    torch.testing.assert_close(logits, meta["logits"], rtol=1e-10, atol=1e-12)
+
+
+def _max_relative_gap(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize(("name", "composite", "residual"), ENTRIES)
+def test_relevance_equals_legacy_engine(name: str, composite: str, residual: str) -> None:
+    ref = _references()["relevance"][key(name, composite, residual)]
+    model = _model(name)
+    explainer = lrp.Explainer(model, composite, residual=residual, **composite_options(composite))
+    e = explainer(make_input(name), target=torch.tensor(CASES[name].target))
+    assert e.relevance.dtype == torch.float64 and e.relevance.shape == ref.shape
+    assert ref.abs().max() > 0
+    gap = _max_relative_gap(e.relevance, ref)
+    if (name, composite, residual) not in RECOVERABLE or gap <= RTOL:
+        assert gap <= RTOL, f"max |R - R_legacy| / max |R_legacy| = {gap:.3g}"
+        return
+    # the grouped-conv fix changed the result: it may only have recovered lost relevance
+    scale = ref.abs().max()
+    assert (e.relevance >= ref - RTOL * scale).all(), "relevance decreased somewhere"
+    legacy_error = _references()["conservation"][key(name, composite, residual)]
+    now = lrp.conservation(e)
+    if residual == "gradient":  # copies relevance at merges: not conservative, only more of it
+        assert (e.relevance.flatten(1).sum(1) > ref.flatten(1).sum(1)).all()
+    else:
+        assert (now < 1e-4).all(), f"conservation {now.tolist()} (legacy {legacy_error.tolist()})"

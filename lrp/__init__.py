@@ -8,10 +8,16 @@
 """
 
 from . import composites, rules
-from .canonizers import register_container
 from .composites import Composite
-from .errors import InvalidInputError, LRPError, UnresolvedStructureError, UnsupportedLayerError
+from .errors import (
+    InvalidInputError,
+    LRPError,
+    UnresolvedStructureError,
+    UnsupportedLayerError,
+    UnsupportedOperationError,
+)
 from .explainer import Explainer, Explanation, conservation
+from .tracing import register_container
 
 __all__ = [
     "Composite",
@@ -21,6 +27,7 @@ __all__ = [
     "LRPError",
     "UnresolvedStructureError",
     "UnsupportedLayerError",
+    "UnsupportedOperationError",
     "composites",
     "conservation",
     "register_container",

@@ -30,7 +30,6 @@ from .rules.pooling import Proportional
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DENSE_TYPES = (nn.Linear,)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
 @dataclass
@@ -40,7 +39,10 @@ class Composite:
     ``rules`` maps a module path (exact string) or a module type to a rule; paths win over types,
     ``first`` (if set) applies to the first Linear/Conv layer unless its path is mapped explicitly.
     ``fold_batchnorm`` folds BatchNorm into the preceding layer; ``output`` is the composite's
-    preferred initial relevance (``None``: the explainer's default).
+    preferred initial relevance (``None``: the explainer's default). ``stem_pool`` (if set) is
+    the rule of the stem's max-pool: the first max-pool, when no residual merge precedes it.
+    ``options`` are the option values the composite was built with; the engine's default rules
+    (pools, norms, biases of graph operations) take theirs from it.
     """
 
     name: str
@@ -48,6 +50,8 @@ class Composite:
     first: Rule | None = None
     fold_batchnorm: bool = True
     output: str | None = None
+    stem_pool: Rule | None = None
+    options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
 
     def rule_for(self, path: str, module: nn.Module, is_first: bool) -> Rule | None:
         if path in self.rules:
@@ -116,13 +120,17 @@ def _otsuki2024(o: dict[str, Any]) -> Composite:
         DENSE_TYPES: zplus,  # type: ignore[dict-item]
         BATCHNORM_TYPES: Pass(),  # type: ignore[dict-item]
         nn.ReLU: Pass(),
-        # windows summing to exactly 0 share uniformly (empty="flat"), so no stabiliser is needed
-        MAXPOOL_TYPES: Proportional(
-            stabilizer=0.0, through=nn.AvgPool2d(2, 2, ceil_mode=True), empty="flat"
-        ),  # type: ignore[dict-item]
     }
+    # the stem's max-pool propagates as a 2x2 average pool; windows summing to exactly 0 share
+    # uniformly (empty="flat"), so no stabiliser is needed
+    stem = Proportional(stabilizer=0.0, through=nn.AvgPool2d(2, 2, ceil_mode=True), empty="flat")
     return Composite(
-        "otsuki2024", rules, first=ZPlusOnes(eps), fold_batchnorm=False, output="probability"
+        "otsuki2024",
+        rules,
+        first=ZPlusOnes(eps),
+        fold_batchnorm=False,
+        output="probability",
+        stem_pool=stem,
     )
 
 
@@ -160,13 +168,19 @@ def get(name: str, **options: Any) -> Composite:
     """
     if name not in _FACTORIES:
         raise InvalidInputError(f"composite={name!r} is not one of {names()}")
+    merged = _merged(options)
+    composite = _FACTORIES[name](merged)
+    composite.options = merged
+    return composite
+
+
+def _merged(options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(options) - OPTION_NAMES
     if unknown:
         raise InvalidInputError(
             f"unknown composite option(s) {sorted(unknown)}; valid: {sorted(OPTION_NAMES)}"
         )
-    merged = {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
-    return _FACTORIES[name](merged)
+    return {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
 
 
 def resolve(composite: str | Composite | Mapping[str | type, Rule], **options: Any) -> Composite:
@@ -176,7 +190,7 @@ def resolve(composite: str | Composite | Mapping[str | type, Rule], **options: A
     if isinstance(composite, str):
         return get(composite, **options)
     if isinstance(composite, Mapping):
-        return Composite("custom", dict(composite))
+        return Composite("custom", dict(composite), options=_merged(options))
     raise InvalidInputError(
         f"composite must be a name, a lrp.Composite or a dict, got {type(composite).__name__}"
     )

@@ -17,3 +17,8 @@ class UnresolvedStructureError(LRPError, TypeError):
 
 class InvalidInputError(LRPError, ValueError):
     """Input, target or option that cannot be explained as given."""
+
+
+class UnsupportedOperationError(UnsupportedLayerError, UnresolvedStructureError):
+    """A tensor operation in a traced forward with no LRP rule (named with its module path and
+    source line); both an unsupported layer and an unresolved structure, so either catch works."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,75 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from . import composites as composites_mod
-from .canonizers import (
-    BATCHNORM_TYPES,
-    FOLD_ATTRIBUTE,
-    LINEAR_TYPES,
-    ResidualBlock,
-    disable_inplace,
-    fold_batchnorms,
-    is_ordered_container,
-    is_plain_sequential,
-    materialize_folded_batchnorm,
-    replace_residual_blocks,
-    verify_container,
-)
-from .errors import InvalidInputError, UnsupportedLayerError
-from .layers import LinearRuleLayer, ModuleRuleLayer
-from .rules.base import ModuleRule, Pass, Rule
-from .rules.linear import LinearRule
-from .rules.pooling import Proportional
-from .rules.residual import ResidualMerge, resolve_mode
-
-# Modules whose ordinary gradient already is the LRP rule (relevance-as-gradient convention):
-# max-pools are winner-take-all, the rest are reshapes or identities.
-GRADIENT_TYPES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-)
-# Element-wise activations: relevance passes unchanged (METHOD.md section 1; Zennit does the same).
-PASS_TYPES = (
-    nn.ReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.LeakyReLU,
-    nn.ReLU6,
-    nn.Softplus,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Mish,
-    nn.PReLU,
-    nn.SELU,
-    nn.CELU,
-    nn.RReLU,
-)
-POOL_TYPES = (
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-)
-# Activations whose output is never negative, used to prove a layer's input is >= 0.
-NONNEG_TYPES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.Softmax)
-SIGN_PRESERVING_TYPES = (*POOL_TYPES, *GRADIENT_TYPES, nn.LocalResponseNorm)
+from .canonizers import disable_inplace
+from .errors import InvalidInputError
+from .graph import GraphSettings, prepare, recording
+from .rules.base import Rule
+from .rules.residual import resolve_mode
 
 OUTPUTS = ("logit", "probability")
 
@@ -95,10 +31,6 @@ class Explanation:
     target: Tensor
     initial: Tensor
     layer_relevance: dict[str, Tensor] | None = field(default=None, repr=False)
-
-    @property
-    def conservation_error(self) -> Tensor:
-        return conservation(self)
 
 
 def conservation(explanation: Explanation) -> Tensor:
@@ -150,6 +82,7 @@ class Explainer:
         self._prepared: nn.Module | None = None
         self.rules: dict[str, Rule] = {}
         self.first_layer: str | None = None
+        self._first_module: nn.Module | None = None
 
     # ------------------------------------------------------------------ preparation
     def _model_fingerprint(self) -> tuple:
@@ -180,88 +113,12 @@ class Explainer:
         shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
         model = copy.deepcopy(self.model, shared).eval()
         disable_inplace(model)
-        replace_residual_blocks(model, self.residual)
-        if self.composite.fold_batchnorm:
-            fold_batchnorms(model, materialize=False)  # rule layers apply the BN scale
-        self.rules = {}
-        self.first_layer = next(
-            (name for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)), None
-        )
-        if self.first_layer is None:
-            raise UnsupportedLayerError(
-                f"{type(self.model).__name__} has no Linear or Conv layer to explain"
-            )
-        if not any(True for _ in model.children()):
-            model = self._wrap_leaf("", model)
-        else:
-            self._wrap_children(model, "")
-        _mark_nonnegative_inputs(model, input_nonnegative=False)
-        _mark_inplace_relus(model)
-        return model
-
-    def _wrap_children(self, parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
-            path = f"{prefix}{name}"
-            if any(True for _ in child.children()) and not isinstance(child, ResidualMerge):
-                if not (isinstance(child, ResidualBlock) or is_ordered_container(child)):
-                    verify_container(path, child)
-                self._wrap_children(child, path + ".")
-            else:
-                wrapped = self._wrap_leaf(path, child)
-                if wrapped is not child:
-                    setattr(parent, name, wrapped)
-
-    def _wrap_leaf(self, path: str, module: nn.Module) -> nn.Module:
-        rule = self.composite.rule_for(path, module, is_first=path == self.first_layer)
-        if rule is None:
-            rule = self._default_rule(path, module)
-        fold = module.__dict__.get(FOLD_ATTRIBUTE)
-        if fold is not None and not isinstance(rule, LinearRule):
-            materialize_folded_batchnorm(module)  # the module runs its own forward
-        if rule is None:
-            return module
-        self.rules[path] = rule
-        if isinstance(rule, LinearRule):
-            if not isinstance(module, LINEAR_TYPES):
-                raise UnsupportedLayerError(
-                    f"{rule!r} needs a Linear/Conv layer, but '{path}' is {type(module).__name__}"
-                )
-            scale, bias = fold if fold is not None else (None, None)
-            return LinearRuleLayer(
-                module, rule, path, scale=scale, bias=bias, cache_weights=self.cache_weights
-            )
-        if isinstance(rule, ModuleRule):
-            return ModuleRuleLayer(module, rule, path)
-        raise InvalidInputError(f"rule for '{path}' must be a lrp.rules rule, got {rule!r}")
-
-    def _default_rule(self, path: str, module: nn.Module) -> Rule | None:
-        if isinstance(module, (ResidualMerge, *GRADIENT_TYPES)):
-            return None
-        if isinstance(module, PASS_TYPES):
-            return Pass()
-        if isinstance(module, POOL_TYPES):
-            return Proportional(composites_mod.DEFAULT_OPTIONS["stabilizer"])
-        if isinstance(module, nn.LocalResponseNorm):
-            return self.lrn_rule
-        where = f"{type(module).__name__} at '{path or '<root>'}'"
-        if isinstance(module, LINEAR_TYPES):
-            raise UnsupportedLayerError(
-                f"composite '{self.composite.name}' assigns no rule to {where}"
-            )
-        if isinstance(module, BATCHNORM_TYPES):
-            raise UnsupportedLayerError(
-                f"{where} does not follow a Linear/Conv layer it could be folded into; map it to a "
-                "rule explicitly, e.g. composite={..., '" + path + "': lrp.rules.Pass()}"
-            )
-        if isinstance(module, nn.Softmax | nn.LogSoftmax):
-            raise UnsupportedLayerError(
-                f"{where}: explain the logits; remove the final softmax (use output='probability')"
-            )
-        raise UnsupportedLayerError(
-            f"no LRP rule for {where}; supported: Linear/Conv, BatchNorm after them, pooling, "
-            "element-wise activations, LocalResponseNorm, Flatten/Dropout, torchvision residual "
-            "blocks. Map it to a rule explicitly via composite={path: rule}."
-        )
+        settings = GraphSettings(self.composite, self.residual, self.lrn_rule, self.cache_weights)
+        prepared = prepare(model, settings)
+        self.rules = prepared.rules
+        self.first_layer = prepared.first_layer
+        self._first_module = prepared.first_module
+        return prepared.module
 
     # ------------------------------------------------------------------ explaining
     @property
@@ -298,18 +155,13 @@ class Explainer:
         model = self.prepared_model()
         x = self._check_input(x, validate)
         records: dict[str, Tensor] = {}
-        handles = _record_hooks(model, records) if record_layers else []
-        try:
-            with torch.enable_grad():
-                x = x.requires_grad_(True)
-                logits = model(x)
-                _check_logits(logits, x.shape[0], validate)
-                target_t = _resolve_target(target, logits, validate)
-                initial_map = self._initial_relevance(logits.detach(), target_t, output_relevance)
-                (relevance,) = torch.autograd.grad(logits, x, initial_map)
-        finally:
-            for h in handles:
-                h.remove()
+        with torch.enable_grad(), recording(records) if record_layers else nullcontext():
+            x = x.requires_grad_(True)
+            logits = model(x)
+            _check_logits(logits, x.shape[0], validate)
+            target_t = _resolve_target(target, logits, validate)
+            initial_map = self._initial_relevance(logits.detach(), target_t, output_relevance)
+            (relevance,) = torch.autograd.grad(logits, x, initial_map)
         bad = ~torch.isfinite(relevance).flatten(1).all(1) if validate else None
         if bad is not None and bad.any():
             warnings.warn(
@@ -319,7 +171,7 @@ class Explainer:
             relevance=relevance.detach(),
             logits=logits.detach(),
             target=target_t,
-            initial=initial_map.sum(1),
+            initial=initial_map.flatten(1).sum(1),
             layer_relevance=records or None,
         )
 
@@ -328,8 +180,11 @@ class Explainer:
             raise InvalidInputError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise InvalidInputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        first = self.model.get_submodule(self.first_layer) if self.first_layer else None
-        expected = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}.get(type(first))
+        first = self._first_module
+        expected = next(
+            (n for t, n in ((nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5)) if isinstance(first, t)),
+            None,
+        )
         if expected is not None and x.ndim != expected:
             raise InvalidInputError(
                 f"x must have {expected} dimensions (N, C, ...) for a model starting with "
@@ -360,7 +215,7 @@ class Explainer:
         else:
             values = logits
         initial = torch.zeros_like(logits)
-        index = target.view(-1, 1)
+        index = target.view(-1, *([1] * (logits.ndim - 1))).expand(-1, 1, *logits.shape[2:])
         return initial.scatter_(1, index, values.gather(1, index))
 
 
@@ -377,20 +232,21 @@ def _lrn_rule(lrn: str | Rule, epsilon: float | None) -> Rule:
 
 
 def _check_logits(logits: Tensor, n: int, validate: bool = True) -> None:
-    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != n:
+    if not isinstance(logits, Tensor) or logits.ndim < 2 or logits.shape[0] != n:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise InvalidInputError(
-            f"model output must be logits of shape (N, num_classes), got {shape}"
+            f"model output must be logits of shape (N, num_classes) or (N, num_classes, ...), "
+            f"got {shape}"
         )
     if validate and not torch.isfinite(logits).all():
-        bad = (~torch.isfinite(logits).all(1)).nonzero().flatten().tolist()
+        bad = (~torch.isfinite(logits).flatten(1).all(1)).nonzero().flatten().tolist()
         raise InvalidInputError(f"model output (logits) contains NaN/Inf for samples {bad}")
 
 
 def _resolve_target(target: int | Tensor | None, logits: Tensor, validate: bool = True) -> Tensor:
-    n, k = logits.shape
-    if target is None:
-        return logits.argmax(1)
+    n, k = logits.shape[:2]
+    if target is None:  # (N, K, ...): the class whose output sums highest
+        return (logits.flatten(2).sum(2) if logits.ndim > 2 else logits).argmax(1)
     if isinstance(target, bool) or not isinstance(target, int | Tensor):
         raise InvalidInputError(
             f"target must be None, an int or a LongTensor, got {type(target).__name__}"
@@ -408,83 +264,3 @@ def _resolve_target(target: int | Tensor | None, logits: Tensor, validate: bool 
     if validate and ((t < 0) | (t >= k)).any():
         raise InvalidInputError(f"target {t.tolist()} out of range for {k} classes")
     return t.contiguous()
-
-
-def _record_hooks(model: nn.Module, records: dict[str, Tensor]) -> list[Any]:
-    def make(path: str):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if isinstance(out, Tensor) and out.requires_grad:
-                out.register_hook(lambda g: records.__setitem__(path, g.detach().flatten(1).sum(1)))
-
-        return hook
-
-    handles = []
-    for name, module in model.named_modules():
-        # skip the modules inside rule layers: rules may call them again during the backward pass
-        if name and not name.endswith(".module") and not isinstance(module, ResidualMerge):
-            handles.append(module.register_forward_hook(make(name)))
-    return handles
-
-
-def _mark_nonnegative_inputs(module: nn.Module, input_nonnegative: bool) -> bool:
-    """Propagate 'provably >= 0' through structures whose data flow is known; return the output's."""
-    if isinstance(module, LinearRuleLayer):
-        module.input_nonnegative = input_nonnegative
-        return False
-    if isinstance(module, ModuleRuleLayer):
-        module = module.module
-    if isinstance(module, NONNEG_TYPES):
-        return True
-    if isinstance(module, SIGN_PRESERVING_TYPES):
-        return input_nonnegative
-    if isinstance(module, ResidualBlock):
-        for i in range(1, module.depth + 1):
-            _mark_nonnegative_inputs(
-                getattr(module, f"conv{i}"), input_nonnegative if i == 1 else True
-            )
-        if module.downsample is not None:
-            _mark_nonnegative_inputs(module.downsample, input_nonnegative)
-        module.merge.skip_nonnegative = input_nonnegative and module.downsample is None
-        return True
-    if is_ordered_container(module):
-        state = input_nonnegative
-        for child in module.children():
-            state = _mark_nonnegative_inputs(child, state)
-        return state
-    for child in module.modules():
-        if isinstance(child, LinearRuleLayer):
-            child.input_nonnegative = False
-    return False
-
-
-def _is_private_output(module: nn.Module) -> bool:
-    """Whether the module's output tensor is new and kept by no autograd node of the engine."""
-    if isinstance(module, LinearRuleLayer | ResidualMerge):
-        return True  # their Functions save inputs and ratios, never their outputs
-    return isinstance(module, ModuleRuleLayer) and type(module.rule) is Pass
-
-
-def _mark_inplace_relus(model: nn.Module) -> None:
-    """Let Pass-ReLUs overwrite their input where only they read it, saving one activation copy.
-
-    In a plain Sequential a child's output reaches only the next child; in a ResidualBlock every
-    ReLU reads a (folded) conv, a pass-through BatchNorm or the merge. Anything else stays
-    out of place.
-    """
-    def is_relu(m: nn.Module) -> bool:
-        return isinstance(m, ModuleRuleLayer) and type(m.rule) is Pass and type(m.module) is nn.ReLU
-
-    for module in model.modules():
-        if isinstance(module, ResidualBlock) and is_relu(module.relu):
-            producers = [getattr(module, f"bn{i}") for i in range(1, module.depth + 1)]
-            convs = [getattr(module, f"conv{i}") for i in range(1, module.depth + 1)]
-            if all(
-                _is_private_output(b) or (isinstance(b, nn.Identity) and _is_private_output(c))
-                for b, c in zip(producers, convs, strict=True)
-            ):
-                module.relu.inplace = True
-        elif is_plain_sequential(module):
-            children = list(module.children())
-            for prev, child in itertools.pairwise(children):
-                if is_relu(child) and _is_private_output(prev):
-                    child.inplace = True

@@ -182,3 +182,20 @@ class LinearRuleLayer(nn.Module):
     def extra_repr(self) -> str:
         folded = self.scale is not None
         return f"rule={self.rule!r}, input_nonnegative={self.input_nonnegative}, bn_folded={folded}"
+
+
+class FunctionModule(nn.Module):
+    """A functional call of the traced graph (``F.avg_pool2d(x, 2)``, ``x.mean((2, 3))``) as a
+    one-input module, so the module rules (Proportional, the stem pool rule) apply to it."""
+
+    def __init__(self, fn: Any, args: tuple = (), kwargs: dict | None = None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs or {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x, *self.args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return f"fn={getattr(self.fn, '__name__', self.fn)}, args={self.args}, kwargs={self.kwargs}"

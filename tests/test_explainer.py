@@ -446,10 +446,40 @@ def test_nan_logits() -> None:
         lrp.Explainer(model)(inputs(2))
 
 
-def test_non_logit_output() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3)).to(F64).eval()  # 4-D output
-    with pytest.raises(lrp.InvalidInputError):
-        lrp.Explainer(model, composite="lrp-0")(inputs(2))
+def test_spatial_output_is_explained_for_the_target_channel() -> None:
+    """An (N, K, H, W) output: the initial relevance is the target channel (its sum), and LRP-0
+    on a bias-free linear model is gradient x input of that channel's sum."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False)).to(F64).eval()
+    x = inputs(2)
+    e = lrp.Explainer(model, composite="lrp-0")(x, target=torch.tensor([1, 3]))
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    chosen = out[0, 1].sum() + out[1, 3].sum()
+    (g,) = torch.autograd.grad(chosen, xg)
+    torch.testing.assert_close(e.relevance, g * x, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(e.initial, torch.stack([out[0, 1].sum(), out[1, 3].sum()]).detach())
+    assert (lrp.conservation(e) < 1e-10).all()
+    # target None: the channel whose output sums highest
+    assert e.target.shape == (2,)
+    auto = lrp.Explainer(model, composite="lrp-0")(x)
+    torch.testing.assert_close(auto.target, model(x).flatten(2).sum(2).argmax(1))
+
+
+def test_non_tensor_or_flat_output_is_an_error() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.fc(x), self.fc(x)
+
+    with pytest.raises(lrp.InvalidInputError, match="one tensor"):
+        lrp.Explainer(Pair().double().eval())(torch.randn(2, 6, dtype=F64))
+    flat = nn.Sequential(nn.Linear(6, 3), nn.Flatten(0)).double().eval()
+    with pytest.raises(lrp.InvalidInputError, match="num_classes"):
+        lrp.Explainer(flat)(torch.randn(2, 6, dtype=F64))
 
 
 class Square(nn.Module):
@@ -495,25 +525,53 @@ def test_lstm_is_unsupported() -> None:
         lrp.Explainer(WithLSTM().double().eval())(torch.randn(2, 4, dtype=F64))
 
 
-def test_unresolved_container_names_module() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), Residual(), nn.Flatten(), nn.Linear(192, 3))
+def test_hand_written_residual_is_a_split_merge() -> None:
+    """``x + self.conv(x)`` inside a container: found in the graph and split, so relevance is
+    conserved (the gradient would double it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), Residual(), nn.Flatten(),
+                          nn.Linear(192, 3, bias=False))
+    with torch.no_grad():
+        model[1].conv.bias.zero_()
     model = model.to(F64).eval()
-    with pytest.raises(lrp.UnresolvedStructureError, match=r"Residual.*'1'"):
-        lrp.Explainer(model)(inputs(2))
+    e = lrp.Explainer(model, composite="lrp-0")(inputs(2))
+    assert (lrp.conservation(e) < 1e-10).all(), lrp.conservation(e)
+    copied = lrp.Explainer(model, composite="lrp-0", residual="gradient")(inputs(2))
+    assert (lrp.conservation(copied) > 1e-3).all()
 
 
-def test_nested_unresolved_container() -> None:
-    model = (
-        nn.Sequential(
-            nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(nn.ReLU(), Residual())),
-            nn.Flatten(),
-            nn.Linear(192, 3),
-        )
-        .to(F64)
-        .eval()
-    )
-    with pytest.raises(lrp.UnresolvedStructureError, match=r"'0\.1\.1'"):
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return self.conv(x)
+        return x
+
+
+def test_untraceable_container_names_module_and_line() -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(nn.ReLU(), Branchy())),
+        nn.Flatten(),
+        nn.Linear(192, 3),
+    ).to(F64).eval()
+    with pytest.raises(lrp.UnresolvedStructureError, match=r"'0\.1\.1'.*register_container") as err:
         lrp.Explainer(model)(inputs(2))
+    assert "if x.sum() > 0" in str(err.value)  # the source line
+
+
+def test_unsupported_operation_names_op_path_and_line() -> None:
+    class Cube(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.pow(x, 3)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.ReLU(), Cube()), nn.Flatten(),
+                          nn.Linear(144, 3)).to(F64).eval()
+    with pytest.raises(lrp.UnsupportedOperationError, match=r"'pow' at Cube at '1\.1'") as err:
+        lrp.Explainer(model)(inputs(2))
+    assert "torch.pow(x, 3)" in str(err.value)
 
 
 def test_registered_container_is_followed() -> None:

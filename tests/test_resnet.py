@@ -265,8 +265,7 @@ def test_preset_stem_maxpool_as_average_pool_by_hand() -> None:
         ],
         dtype=torch.float64,
     )
-    rule = lrp.composites.get("otsuki2024").rules
-    maxpool_rule = next(r for k, r in rule.items() if isinstance(k, tuple) and nn.MaxPool2d in k)
+    maxpool_rule = lrp.composites.get("otsuki2024").stem_pool
     pool = nn.MaxPool2d(3, 2, 1)
     r_out = torch.tensor([[[[8.0, 1.0], [2.0, 4.0]]]], dtype=torch.float64)
     got = maxpool_rule.relevance(pool, x, pool(x), r_out)
@@ -319,10 +318,28 @@ class _HandWrittenResidual(nn.Module):
         return x + self.conv(x)
 
 
-def test_unresolvable_residual_structure_names_the_module() -> None:
-    model = nn.Sequential(_HandWrittenResidual(), nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
-    with pytest.raises(lrp.UnresolvedStructureError, match=r"_HandWrittenResidual at '0'.*add"):
-        lrp.Explainer(model)(torch.randn(1, 3, 8, 8))
+def test_hand_written_residual_is_split_like_a_torchvision_block() -> None:
+    """``x + self.conv(x)``: the merge is found by data flow, x is the identity skip (it gets
+    nothing under ablation-i), and the ratio split is the explicit formula."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_HandWrittenResidual(), nn.Flatten()).double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    r_out = torch.randn(2, 48, dtype=torch.float64)
+    explainer = lrp.Explainer(model, "epsilon", epsilon=1e-3, residual="splitting")
+    got = explainer(x, output_relevance=r_out).relevance
+    merges = [m for m in explainer.prepared_model().modules() if isinstance(m, ResidualMerge)]
+    assert len(merges) == 1 and merges[0].identity == (False, True)
+    conv = model[0].conv
+    with torch.no_grad():
+        h_m, h_s = conv(x), x
+        r = r_out.view_as(h_m)
+        r_m = r * h_m.abs() / (h_m.abs() + h_s.abs())
+    expected = _eps_rule(x, conv, r_m, 1e-3) + (r - r_m)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    ablated = lrp.Explainer(model, "epsilon", epsilon=1e-3, residual="ablation-i")
+    torch.testing.assert_close(
+        ablated(x, output_relevance=r_out).relevance, _eps_rule(x, conv, r, 1e-3)
+    )
 
 
 @pytest.mark.parametrize("composite", [c for c in lrp.composites.names() if c != "otsuki2024"])

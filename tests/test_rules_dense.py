@@ -151,7 +151,13 @@ def reference(
         bb = b if use_bias else torch.zeros_like(b)
         c_pos = xp * pos(Wb) + xn * neg(Wb)
         c_neg = xp * neg(Wb) + xn * pos(Wb)
-        r = alpha * propagate(c_pos, c_pos.sum(2) + pos(bb), R, eps)
+        den_pos = c_pos.sum(2) + pos(bb)
+        r = alpha * propagate(c_pos, den_pos, R, eps)
+        # no positive contribution at all: alpha * R_k spreads uniformly over the receptive field
+        conn = (W != 0).to(F64)  # random weights: exact zeros only outside the receptive field
+        r = r + alpha * torch.einsum(
+            "kj,nk->nj", conn / conn.sum(1, keepdim=True), R * (den_pos == 0)
+        )
         if beta:
             r = r - beta * propagate(c_neg, c_neg.sum(2) + neg(bb), R, eps)
         return r
@@ -302,7 +308,7 @@ def run_rule(layer_kind: str, spec: tuple, nonneg: bool, seed: int):
     R = torch.randn(N, K, dtype=F64)
     out = e(x, output_relevance=R)
     prepared = e.prepared_model()
-    assert prepared[len(mods)].input_nonnegative is nonneg
+    assert prepared.get_submodule(str(len(mods))).input_nonnegative is nonneg
     W, b = dense_layer(layer, shape)
     xin = x.clamp(min=0) if nonneg else x
     ref = reference(rule_spec, W, b, xin.reshape(N, -1), R, low_d, high_d).reshape(x.shape)

@@ -14,17 +14,21 @@ from .linear import (
     ZPlusOnes,
 )
 from .lrn import LRNIdentity, LRNTaylor, lrn_contributions, lrn_relevance
+from .normalization import AffineEpsilon, GroupNormRule, LayerNormRule
 from .pooling import Proportional
 from .residual import ResidualMerge
 
 __all__ = [
     "LRP0",
+    "AffineEpsilon",
     "AlphaBeta",
     "Epsilon",
     "Flat",
     "Gamma",
+    "GroupNormRule",
     "LRNIdentity",
     "LRNTaylor",
+    "LayerNormRule",
     "LinearRule",
     "ModuleRule",
     "Pass",

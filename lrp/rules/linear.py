@@ -12,12 +12,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Rule, stabilize
 
 if TYPE_CHECKING:
     from ..layers import LinearRuleLayer
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _pos(t: Tensor | None) -> Tensor | None:
@@ -137,21 +141,76 @@ class Gamma(LinearRule):
         )
 
 
+def _flat_transpose(layer: LinearRuleLayer, g: Tensor, x: Tensor) -> Tensor:
+    """Flat rule's backward for ``g`` at the output: each output's value is shared uniformly
+    over the inputs connected to it (its receptive field, zero padding excluded, within its group).
+
+    The ones weight of the flat rule is separable, so this costs a sum over each group's output
+    channels and one transposed depthwise box filter, not a full transposed convolution.
+    """
+    op = layer.op
+    if op.kind == "linear":
+        j = x.shape[-1]
+        return (g.sum(-1, keepdim=True) / j).expand(x.shape)
+    groups, dims = op.groups, op.dims
+    c_in = x.shape[1]
+    kernel = tuple(layer.weight.shape[2:])
+    key = ("flat-counts", tuple(x.shape[2:]), x.device, x.dtype)
+    counts = layer.cache.get(key)
+    box = torch.ones((1, 1, *kernel), device=x.device, dtype=x.dtype)
+    if counts is None:  # inputs per output position, once per input shape
+        ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
+        taps = _CONV_FN[dims](ones, box, None, op.stride, op.padding, op.dilation)
+        counts = layer.cache[key] = (taps * (c_in // groups)).clamp_(min=1)
+    n = g.shape[0]
+    per_group = (g / counts).view(n, groups, -1, *g.shape[2:]).sum(2)  # (N, G, *out)
+    spread, _, _ = torch.ops.aten.convolution_backward(
+        per_group,
+        x.new_empty(()).expand(n, groups, *x.shape[2:]),
+        box.expand(groups, 1, *kernel),
+        None,
+        op.stride,
+        op.padding,
+        op.dilation,
+        False,
+        (0,) * dims,
+        groups,
+        (True, False, False),
+    )
+    return spread.unsqueeze(2).expand(n, groups, c_in // groups, *x.shape[2:]).reshape(x.shape)
+
+
 class AlphaBeta(LinearRule):
     """alpha * positive share - beta * negative share of each output's relevance (alpha - beta = 1).
 
     Positive contributions: x+ w+ (with bias b+) and x- w-; negative: x+ w- (with b-) and x- w+.
+
+    ``empty="flat"`` (default): an output whose positive contributions are all exactly zero
+    (den_pos = 0 before stabilising; every x_j w_jk^+ = 0, common in small groups of grouped
+    convolutions) has no input to give its alpha * R_k to; the plain rule drops it (``"drop"``,
+    Zennit's behaviour). "flat" spreads it uniformly over the output's receptive field instead,
+    the flat rule (Lapuschkin et al. 2019) at that output only, as ``Proportional(empty="flat")``
+    does for all-zero pool windows. Uniform, not |w| or w+ shares: the ones weight is separable,
+    so the fallback costs a channel sum and a depthwise box filter instead of a second transposed
+    convolution, with no host sync (a ``torch.where`` on the saved denominator). With alpha = 1
+    (z+) this keeps the rule conservative; the beta share of an output with no negative
+    contributions is still dropped, as in the plain rule.
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> None:
+    def __init__(
+        self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, empty: str = "flat"
+    ) -> None:
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
             raise ValueError(
                 f"AlphaBeta: need alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}"
             )
+        if empty not in ("flat", "drop"):
+            raise ValueError(f"AlphaBeta: empty={empty!r} is not one of ['flat', 'drop']")
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.stabilizer = float(stabilizer)
         self.use_bias = True
+        self.empty = empty
 
     def prepare(self, weight, bias, input_nonnegative, private=False):
         out = {}
@@ -176,6 +235,23 @@ class AlphaBeta(LinearRule):
             return den if self.stabilizer > 0 else stabilize(den, 0.0)
         return stabilize(den, self.stabilizer)
 
+    def _empty_value(
+        self, layer: LinearRuleLayer, p: dict[str, Tensor], den: Tensor
+    ) -> Tensor | float:
+        """What the stabilised positive denominator equals where every positive contribution is 0.
+
+        ``_den`` adds the stabiliser to a sum of non-negative terms (on the bias, where it
+        rides on the convolution: adding exact zeros to it leaves it exact), and
+        ``stabilize(., 0)`` turns an exact 0 into inf. A channel with b+ > 0 is never empty.
+        """
+        value = float("inf") if self.stabilizer == 0 else self.stabilizer
+        bp = p.get("bp")
+        if bp is None:
+            return value
+        # in den's dtype from the start (a float32 1e-6 cast to float64 is not 1e-6)
+        t = torch.full_like(bp, value, dtype=den.dtype).masked_fill_(bp != 0, float("nan"))
+        return t if layer.op.kind == "linear" else t.view(-1, *([1] * (den.ndim - 2)))
+
     def forward(self, layer, p, x, z):
         xp, xn = (x, None) if layer.input_nonnegative else (x.clamp(min=0), x.clamp(max=0))
         saved = [xp] if xn is None else [xp, xn]
@@ -191,6 +267,10 @@ class AlphaBeta(LinearRule):
         nonneg = layer.input_nonnegative
         xp, xn = (saved[0], None) if nonneg else (saved[0], saved[1])
         dens = saved[1:] if nonneg else saved[2:]
+        flat = None
+        if self.empty == "flat":  # before the denominator's storage is reused below
+            empty = dens[0] == self._empty_value(layer, p, dens[0])
+            flat = _flat_transpose(layer, torch.where(empty, relevance * self.alpha, 0.0), x)
         # the denominators are private to this layer and used once: divide into their storage
         g_pos = torch.div(relevance, dens[0], out=dens[0])
         if self.alpha != 1.0:
@@ -203,18 +283,23 @@ class AlphaBeta(LinearRule):
             r = r - xp * op.transpose(g_neg, p["wn"], x)
             if xn is not None:
                 r = r - xn * op.transpose(g_neg, p["wp"], x)
-        return r
+        return r if flat is None else r.add_(flat)
 
 
 class ZPlus(AlphaBeta):
     """z+ rule = alpha1-beta0: only positive contributions (x+ w+, x- w-) are kept."""
 
-    def __init__(self, stabilizer: float = 1e-6, zero_bias: bool = False) -> None:
-        super().__init__(alpha=1.0, beta=0.0, stabilizer=stabilizer)
+    def __init__(
+        self, stabilizer: float = 1e-6, zero_bias: bool = False, empty: str = "flat"
+    ) -> None:
+        super().__init__(alpha=1.0, beta=0.0, stabilizer=stabilizer, empty=empty)
         self.use_bias = not zero_bias
 
     def __repr__(self) -> str:
-        return f"ZPlus(stabilizer={self.stabilizer}, zero_bias={not self.use_bias})"
+        return (
+            f"ZPlus(stabilizer={self.stabilizer}, zero_bias={not self.use_bias}, "
+            f"empty={self.empty!r})"
+        )
 
 
 class ZBox(LinearRule):

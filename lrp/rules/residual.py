@@ -1,25 +1,32 @@
-"""Relevance at a residual merge ``h = h_m + h_s`` (Otsuki et al. 2024, ECCV).
+"""Relevance at a residual merge ``h = h_1 + ... + h_n`` (Otsuki et al. 2024, ECCV).
 
-``splitting`` (the paper's Ratio-Based Relevance Splitting) divides the relevance element-wise in
-proportion to |h_m| and |h_s|, so the two parts sum to the incoming relevance and conservation holds
-through the whole ResNet. The other modes exist for comparison:
+``splitting`` (the paper's Ratio-Based Relevance Splitting, generalised to n terms as in
+METHOD.md section 5) divides the relevance element-wise in proportion to |h_i|, so the parts sum
+to the incoming relevance and conservation holds at every merge. The other modes exist for
+comparison:
 
-- ``half``: 50/50 everywhere (paper ablation ii);
-- ``gradient``: relevance copied into both branches, as generic autograd-based tools do (not
-  conservative: every merge doubles the relevance it passes on);
-- ``ablation-i``: identity skips get 0, projection shortcuts 50/50;
-- ``ablation-iii``: identity skips get 0, projection shortcuts by ratio;
+- ``half``: equal shares (50/50 for two terms; paper ablation ii);
+- ``gradient``: relevance copied into every term, as generic autograd-based tools do (not
+  conservative: every merge multiplies the relevance it passes on);
+- ``ablation-i``: identity skips get 0, the other terms equal shares (projection blocks 50/50);
+- ``ablation-iii``: identity skips get 0, the other terms by ratio;
 - ``ablation-ii`` / ``ablation-iv`` are aliases of ``half`` / ``splitting``;
-- ``proportional``: signed shares h_m / (h_m + h_s) (stabilised), what Zennit's ResNet canonizer
-  does (its summation module gets the Norm rule); conservative up to the stabiliser, but shares
-  can be negative or exceed 1 when the branches have opposite signs.
+- ``proportional``: signed shares h_i / (sum_j h_j) (stabilised), what Zennit's ResNet canonizer
+  and Captum's epsilon rule on an addition do; conservative up to the stabiliser, but shares can
+  be negative or exceed 1 when the terms have opposite signs.
 
-Where |h_m| + |h_s| = 0 (both exactly zero) the ratio is undefined; the relevance then goes to the
-skip connection, so none is lost and no NaN appears.
+An *identity skip* is a term that reaches the merge unchanged from a tensor another term is
+computed from (``out = branch(x) + x``); the graph pass marks them. The last term is the one that
+receives whatever the others do not: where all |h_i| are 0 the ratio is undefined and everything
+goes to it, so none is lost and no NaN appears. The graph pass puts an identity skip last.
+
+Subtraction is a merge with a term coefficient -1: the shares use |c_i h_i| and relevance passes
+the negation unchanged (a diagonal linear map), except in ``gradient`` mode (the plain gradient).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,6 +36,7 @@ from .base import stabilize
 
 MODES = ("splitting", "half", "gradient", "proportional", "ablation-i", "ablation-iii")
 ALIASES = {"ratio": "splitting", "ablation-iv": "splitting", "ablation-ii": "half"}
+PROPORTIONAL_STABILIZER = 1e-6
 
 
 def resolve_mode(mode: str) -> str:
@@ -40,81 +48,162 @@ def resolve_mode(mode: str) -> str:
     return canonical
 
 
-PROPORTIONAL_STABILIZER = 1e-6
+def _effective(mode: str, identity: Sequence[bool]) -> tuple[str, tuple[bool, ...]]:
+    """The mode applied and which terms it gives nothing (identity skips under the ablations)."""
+    zero = tuple(False for _ in identity)
+    if mode in ("ablation-i", "ablation-iii"):
+        zero = tuple(identity)
+        if all(zero):  # nothing else to give it to: behave like the un-ablated mode
+            zero = tuple(False for _ in identity)
+        mode = "half" if mode == "ablation-i" else "splitting"
+    return mode, zero
 
 
-def branch_share(
-    h_m: Tensor, h_s: Tensor, mode: str, projection: bool, skip_nonnegative: bool = False
-) -> Tensor | float | None:
-    """Fraction of the merge's relevance that goes to the residual branch (None: gradient copy).
+def merge_shares(
+    terms: Sequence[Tensor],
+    mode: str,
+    identity: Sequence[bool],
+    nonnegative: Sequence[bool] = (),
+) -> list[Tensor | float | None] | None:
+    """Fraction of the merge's relevance each term gets; None for the term that takes the rest.
 
-    The skip connection gets the rest (except in ``proportional`` mode, see ``_MergeFunction``).
-    ``skip_nonnegative``: h_s is known to be >= 0 (an identity skip after a ReLU), so |h_s| = h_s.
+    Returns None altogether for ``gradient`` (a copy for each term). ``terms`` are the signed
+    summands c_i h_i. ``nonnegative[i]``: term i is known to be >= 0 (an identity skip after a
+    ReLU), so |h_i| = h_i needs no pass.
     """
     if mode == "gradient":
         return None
+    n = len(terms)
     if mode == "proportional":
-        return h_m / stabilize(h_m + h_s, PROPORTIONAL_STABILIZER)
-    if mode == "ablation-i":
-        mode = "half" if projection else "branch-only"
-    elif mode == "ablation-iii":
-        mode = "splitting" if projection else "branch-only"
-    if mode == "branch-only":
-        return 1.0
+        total = terms[0] + terms[1]
+        for t in terms[2:]:
+            total = total + t
+        den = stabilize(total, PROPORTIONAL_STABILIZER)
+        return [t / den for t in terms]
+    mode, zero = _effective(mode, identity)
+    live = [i for i in range(n) if not zero[i]]
+    shares: list[Tensor | float | None] = [0.0] * n
     if mode == "half":
-        return 0.5
-    # |h_m| / (|h_m| + |h_s|) in place; where both are 0 the floor makes it 0/tiny = 0 (all to the
-    # skip). A total below the floor (subnormal) still gives a share in [0, 1].
-    a_m = h_m.abs()
-    total = torch.add(h_s, a_m) if skip_nonnegative else h_s.abs().add_(a_m)
-    return a_m.div_(total.clamp_min_(torch.finfo(a_m.dtype).tiny))
+        for i in live:
+            shares[i] = 1.0 / len(live)
+        return shares
+    shares[live[-1]] = None
+    if len(live) == 1:
+        return shares
+    # ratio |h_i| / sum_j |h_j|; where the total is 0 the floor makes every share 0 and the last
+    # live term takes the rest. A total below the floor (subnormal) still gives shares in [0, 1].
+    nonneg = tuple(nonnegative) or (False,) * n
+    mags = {i: terms[i] if nonneg[i] else terms[i].abs() for i in live}
+    total = mags[live[0]] + mags[live[1]]
+    for i in live[2:]:
+        total.add_(mags[i])
+    total.clamp_min_(torch.finfo(total.dtype).tiny)
+    for i in live[:-1]:
+        # |h_i| is private unless the term itself was used: divide into its storage then
+        shares[i] = mags[i] / total if nonneg[i] else mags[i].div_(total)
+    return shares
 
 
 class _MergeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h_m: Tensor, h_s: Tensor, merge: ResidualMerge) -> Tensor:
-        share = branch_share(h_m, h_s, merge.mode, merge.projection, merge.skip_nonnegative)
-        out = h_m + h_s
-        ctx.mode = merge.mode
-        ctx.share = share if not isinstance(share, Tensor) else "tensor"
-        if isinstance(share, Tensor):
-            # proportional mode gives the skip its own signed share, not the rest
-            skip = (
-                h_s / stabilize(out, PROPORTIONAL_STABILIZER)
-                if merge.mode == "proportional"
-                else None
-            )
-            ctx.save_for_backward(share, *(() if skip is None else (skip,)))
+    def forward(ctx: Any, merge: ResidualMerge, *terms: Tensor) -> Tensor:
+        signed = [t if c == 1 else t * c for t, c in zip(terms, merge.coefficients, strict=True)]
+        out = signed[0]
+        for t in signed[1:]:
+            out = out + t
+        shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
+        ctx.merge = merge
+        ctx.shapes = [t.shape for t in terms]
+        ctx.kinds = None if shares is None else [
+            "t" if isinstance(s, Tensor) else s for s in shares
+        ]
+        ctx.save_for_backward(*[s for s in (shares or []) if isinstance(s, Tensor)])
         return out
 
     @staticmethod
-    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, Tensor, None]:
-        if ctx.share is None:
-            return relevance, relevance, None
-        if ctx.share == "tensor":
-            saved = ctx.saved_tensors
-            r_m = relevance * saved[0]
-            if len(saved) == 2:
-                return r_m, relevance * saved[1], None
-            # the share is private to this merge and used once: the skip's part goes into it
-            return r_m, torch.sub(relevance, r_m, out=saved[0]), None
-        r_m = relevance * ctx.share
-        return r_m, relevance - r_m, None
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:
+        merge = ctx.merge
+        if ctx.kinds is None:  # gradient: the plain chain rule
+            grads = [relevance if c == 1 else relevance * c for c in merge.coefficients]
+        else:
+            saved = iter(ctx.saved_tensors)
+            grads = []
+            rest = None
+            for kind in ctx.kinds:
+                if kind == "t":
+                    grads.append(relevance * next(saved))
+                elif kind is None:
+                    grads.append(None)
+                    rest = len(grads) - 1
+                else:
+                    grads.append(relevance * kind if kind else torch.zeros_like(relevance))
+            if rest is not None:
+                taken = [g for g in grads if g is not None]
+                r = relevance.clone()
+                for g in taken:
+                    r.sub_(g)
+                grads[rest] = r
+        return (None, *[_unbroadcast(g, s) for g, s in zip(grads, ctx.shapes, strict=True)])
+
+
+def _unbroadcast(g: Tensor, shape: torch.Size) -> Tensor:
+    """Sum relevance over the dims a term was broadcast along (the gradient of the broadcast)."""
+    if g.shape == shape:
+        return g
+    extra = g.ndim - len(shape)
+    g = g.sum(dim=tuple(range(extra))) if extra else g
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+    return g.sum(dim=dims, keepdim=True) if dims else g
 
 
 class ResidualMerge(nn.Module):
-    """``h_m + h_s`` whose backward splits relevance by ``mode`` (see module docstring)."""
+    """``sum_i c_i h_i`` whose backward splits relevance by ``mode`` (see module docstring).
 
-    def __init__(self, mode: str = "splitting", projection: bool = False) -> None:
+    ``ResidualMerge(mode, projection)(h_m, h_s)`` is the two-term ResNet merge: ``h_s`` is an
+    identity skip unless ``projection``. The graph pass builds n-term merges with ``identity``
+    (per term: an identity skip) and ``coefficients`` (+1, or -1 for a subtraction).
+    """
+
+    def __init__(
+        self,
+        mode: str = "splitting",
+        projection: bool = False,
+        *,
+        identity: Sequence[bool] | None = None,
+        coefficients: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         self.mode = resolve_mode(mode)
-        self.projection = projection
-        self.skip_nonnegative = False  # set by the explainer where the skip follows a ReLU
+        self.identity = tuple(identity) if identity is not None else (False, not projection)
+        self.coefficients = tuple(coefficients) if coefficients else (1.0,) * len(self.identity)
+        if len(self.coefficients) != len(self.identity) or len(self.identity) < 2:
+            raise ValueError("ResidualMerge needs two or more terms with one coefficient each")
+        # set by the graph pass where a term provably is >= 0 (an identity skip after a ReLU)
+        self.nonnegative = (False,) * len(self.identity)
 
-    def forward(self, h_m: Tensor, h_s: Tensor) -> Tensor:
-        if not (h_m.requires_grad or h_s.requires_grad):
-            return h_m + h_s
-        return _MergeFunction.apply(h_m, h_s, self)
+    @property
+    def projection(self) -> bool:
+        """Whether no term is an identity skip (a projection shortcut)."""
+        return not any(self.identity)
+
+    @property
+    def skip_nonnegative(self) -> bool:
+        """Whether the last term (the skip) is known to be >= 0."""
+        return self.nonnegative[-1]
+
+    @skip_nonnegative.setter
+    def skip_nonnegative(self, value: bool) -> None:
+        self.nonnegative = (*self.nonnegative[:-1], bool(value))
+
+    def forward(self, *terms: Tensor) -> Tensor:
+        if len(terms) != len(self.identity):
+            raise ValueError(f"ResidualMerge expects {len(self.identity)} terms, got {len(terms)}")
+        if not any(t.requires_grad for t in terms):
+            out = terms[0] * self.coefficients[0]
+            for t, c in zip(terms[1:], self.coefficients[1:], strict=True):
+                out = out + t * c
+            return out
+        return _MergeFunction.apply(self, *terms)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, projection={self.projection}"
+        return f"mode={self.mode!r}, terms={len(self.identity)}, identity={self.identity}"

@@ -1,0 +1,1004 @@
+"""Graph preparation: the explainer's prepared copy, built from the model's traced graph.
+
+The whole model is traced (:mod:`lrp.tracing`); every node that depends on the input then gets
+its rule by what it computes, found by data flow, not by class names (the table is
+docs/ENGINE_API.md "Which operation gets which rule"):
+
+- layers (Linear/Conv, also written as ``F.linear``/``F.conv2d`` with parameters) get the
+  composite's rule; a BatchNorm whose input is a Linear/Conv output used by nothing else is folded
+  into it, wherever the two modules live;
+- an addition or subtraction of two or more input-dependent tensors is a residual merge with the
+  configured ``residual=`` mode (chains ``a + b + c`` inside one module are one n-term merge);
+  adding a constant or a parameter is a bias;
+- reshapes, concatenations, splits, indexing, max-pools and eval-mode dropout keep their gradient
+  (relevance is moved, not changed); functional activations pass; functional sums, means and
+  average pools get the proportional rule;
+- a product of a signal and a sigmoid/hard-sigmoid gate (squeeze-excitation) gives all relevance
+  to the signal; multiplying or dividing by a constant is a linear scaling (relevance passes);
+- anything else raises :class:`~lrp.errors.UnresolvedStructureError` naming the operation, the
+  module path and the source line. Nothing silently falls back to the gradient.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import operator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx.operator_schemas import normalize_function
+from torchvision.ops import stochastic_depth
+
+from .canonizers import BATCHNORM_TYPES, LINEAR_TYPES, batchnorm_affine, can_fold, materialize_fold
+from .composites import Composite
+from .errors import InvalidInputError, UnsupportedLayerError, UnsupportedOperationError
+from .layers import FunctionModule, LinearRuleLayer, ModuleRuleLayer
+from .rules.base import ModuleRule, Pass, Rule
+from .rules.elementwise import bias_add, gate, passthrough_of
+from .rules.linear import LinearRule
+from .rules.pooling import Proportional
+from .rules.residual import ResidualMerge
+from .tracing import Traced, scope, source, trace
+
+# ------------------------------------------------------------------ the operation table
+# Modules whose ordinary gradient already is the rule: max-pools (winner takes all), reshapes,
+# eval-mode dropout, identities.
+GRADIENT_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+    nn.ChannelShuffle,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+)
+MAXPOOL_MODULES = GRADIENT_MODULES[:6]
+# Element-wise activations: relevance passes unchanged (METHOD.md section 1; Zennit does the same).
+PASS_MODULES = (
+    nn.ReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ReLU6,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.PReLU,
+    nn.SELU,
+    nn.CELU,
+    nn.RReLU,
+)
+POOL_MODULES = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+# Outputs that are never negative (used to prove a layer's input is >= 0).
+NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid)
+SIGN_KEEPING_MODULES = (*POOL_MODULES, *GRADIENT_MODULES, nn.LocalResponseNorm)
+
+GRADIENT_FUNCTIONS: set[Any] = {
+    operator.getitem,
+    torch.cat,
+    torch.concat,
+    torch.stack,
+    torch.chunk,
+    torch.split,
+    torch.tensor_split,
+    torch.unbind,
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.swapaxes,
+    torch.movedim,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.narrow,
+    torch.roll,
+    torch.channel_shuffle,
+    torch.pixel_shuffle,
+    torch.pixel_unshuffle,
+    torch.t,
+    F.pad,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    stochastic_depth,
+}
+MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
+DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+GRADIENT_METHODS = {
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "swapaxes",
+    "movedim",
+    "t",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "chunk",
+    "split",
+    "tensor_split",
+    "unbind",
+    "narrow",
+    "roll",
+    "expand",
+    "expand_as",
+    "repeat",
+    "to",
+    "type_as",
+    "float",
+    "double",
+    "clone",
+}
+PASS_FUNCTIONS: set[Any] = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.hardtanh,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.mish,
+    F.softplus,
+    F.prelu,
+    torch.tanh,
+    F.tanh,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.clamp,
+    torch.clamp_min,
+}
+PASS_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clamp_min", "hardswish", "gelu"}
+GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus}
+POOL_FUNCTIONS = {
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    torch.mean,
+    torch.sum,
+}
+POOL_METHODS = {"mean": torch.mean, "sum": torch.sum}
+ADD = {operator.add, operator.iadd, torch.add}
+SUB = {operator.sub, operator.isub, torch.sub, torch.subtract}
+MUL = {operator.mul, operator.imul, torch.mul, torch.multiply}
+DIV = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
+NEG = {operator.neg, torch.neg}
+# Results that carry no relevance even when computed from the input (shapes, new constants).
+SHAPE_FUNCTIONS: set[Any] = {len, torch._assert, torch.zeros_like, torch.ones_like, torch.empty_like}
+SHAPE_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
+SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
+LAYER_FUNCTIONS = {
+    F.linear,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.batch_norm,
+    F.layer_norm,
+    F.group_norm,
+    F.local_response_norm,
+}
+OUTPUT_SOFTMAX = {torch.softmax, F.softmax, F.log_softmax, torch.log_softmax}
+OUTPUT_SOFTMAX_METHODS = {"softmax", "log_softmax"}
+_ARITHMETIC_METHODS = {"add": ADD, "sub": SUB, "mul": MUL, "div": DIV, "neg": NEG}
+
+
+def _method(node: fx.Node) -> str:
+    """A call_method's name without the in-place underscore (``add_`` -> ``add``)."""
+    name = str(node.target)
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+def _arith(node: fx.Node) -> str | None:
+    """'add', 'sub', 'mul', 'div' or 'neg' for the arithmetic forms fx records, else None."""
+    if node.op == "call_method":
+        return _method(node) if _method(node) in _ARITHMETIC_METHODS else None
+    if node.op == "call_function":
+        for name, targets in _ARITHMETIC_METHODS.items():
+            if node.target in targets:
+                return name
+    return None
+
+
+# ------------------------------------------------------------------ recording layer relevance
+_RECORDS: contextvars.ContextVar[dict[str, Tensor] | None] = contextvars.ContextVar(
+    "lrp_records", default=None
+)
+
+
+def record_relevance(x: Any, path: str) -> None:
+    """Probe at a module's output: while recording, add the relevance there to ``path``'s sum."""
+    records = _RECORDS.get()
+    if records is None or not isinstance(x, Tensor) or not x.requires_grad:
+        return
+
+    def hook(g: Tensor) -> None:
+        total = g.detach().flatten(1).sum(1)
+        records[path] = records[path] + total if path in records else total
+
+    x.register_hook(hook)
+
+
+class recording:  # noqa: N801 (a context manager used like a function)
+    """``with recording(records):`` fills ``records`` with per-module relevance sums."""
+
+    def __init__(self, records: dict[str, Tensor]) -> None:
+        self.records = records
+
+    def __enter__(self) -> None:
+        self.token = _RECORDS.set(self.records)
+
+    def __exit__(self, *exc: object) -> None:
+        _RECORDS.reset(self.token)
+
+
+# ------------------------------------------------------------------ the builder
+@dataclass
+class GraphSettings:
+    """What the graph pass needs from the explainer."""
+
+    composite: Composite
+    residual: str
+    lrn_rule: Rule
+    cache_weights: bool = False
+    default_rules: Callable[[str, nn.Module], Rule | None] | None = None
+
+
+@dataclass
+class Prepared:
+    """The prepared copy and what was decided for it."""
+
+    module: fx.GraphModule
+    rules: dict[str, Rule] = field(default_factory=dict)
+    first_layer: str | None = None
+    first_module: nn.Module | None = None
+
+
+def prepare(model: nn.Module, settings: GraphSettings) -> Prepared:
+    """Build the prepared copy from ``model`` (already the explainer's private eval-mode copy)."""
+    leaf_paths = [k for k in settings.composite.rules if isinstance(k, str)]
+    return _Builder(model, trace(model, leaf_paths), settings).build()
+
+
+class _Builder:
+    def __init__(self, root: nn.Module, traced: Traced, settings: GraphSettings) -> None:
+        self.root = root
+        self.graph = traced.graph
+        self.outputs = traced.outputs
+        self.s = settings
+        self.options = settings.composite.options
+        self.rules: dict[str, Rule] = {}
+        self.display: dict[str, str] = {}  # engine-made module targets -> path shown to users
+        self.owners: dict[str, str] = {}  # engine-made module targets -> the owning module
+        self.replaced: dict[fx.Node, fx.Node] = {}
+        self.folds: dict[str, tuple[Tensor, Tensor]] = {}
+        self.counter = 0
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        if not placeholders:
+            raise InvalidInputError(f"{type(root).__name__}.forward takes no input")
+        self.input = placeholders[0]
+        self.index = {n: i for i, n in enumerate(self.graph.nodes)}
+
+    # ---------------------------------------------------------------- helpers
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.root.get_submodule(str(node.target))
+
+    def path(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return self.display.get(str(node.target), str(node.target))
+        return scope(node)
+
+    def where(self, node: fx.Node) -> str:
+        """"'op' in Type at 'path' (file:line: code)" for error messages."""
+        target = str(node.target)
+        made = node.op == "call_module" and target in self.display
+        owner_path = scope(node) if node.op != "call_module" or made else target
+        if made:
+            owner_path = self.owners.get(target, "")
+        try:
+            owner = type(self.root.get_submodule(owner_path)).__name__
+        except AttributeError:
+            owner = type(self.root).__name__
+        op = f"'{self.display[target].rpartition('.')[2]}' in " if made else ""
+        src = source(node)
+        return f"{op}{owner} at '{owner_path or '<root>'}'" + (f" ({src})" if src else "")
+
+    def new_target(self, module: nn.Module, node: fx.Node) -> str:
+        """Register an engine-made module for ``node``; shown as 'owner path.op name'."""
+        self.counter += 1
+        name = f"_lrp_{self.counter}"
+        self.root.add_module(name, module)
+        self.owners[name] = scope(node)
+        self.display[name] = ".".join(p for p in (scope(node), node.name) if p)
+        return name
+
+    def replace(self, node: fx.Node, new: fx.Node) -> None:
+        new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.replaced[node] = new
+        self.index[new] = self.index[node]
+
+    def resolve(self, node: fx.Node) -> fx.Node | None:
+        while node in self.replaced:
+            node = self.replaced[node]
+        return node if node.graph is self.graph and node in self.index else None
+
+    def set_module(self, target: str, module: nn.Module) -> None:
+        parent, _, name = target.rpartition(".")
+        setattr(self.root.get_submodule(parent) if parent else self.root, name, module)
+
+    def dependent(self) -> set[fx.Node]:
+        """Nodes whose value depends on the input (shape queries excepted)."""
+        dep = {self.input}
+        for node in self.graph.nodes:
+            if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            if _shape_query(node):
+                continue
+            if any(a in dep for a in node.all_input_nodes):
+                dep.add(node)
+        return dep
+
+    def constant(self, arg: Any) -> Any:
+        """The value of an argument that does not depend on the input, computed now."""
+        def value(node: fx.Node) -> Any:
+            if node.op == "get_attr":
+                obj: Any = self.root
+                for part in str(node.target).split("."):
+                    obj = getattr(obj, part)
+                return obj
+            if node.op == "placeholder":
+                return node.args[0] if node.args else None
+            args = fx.node.map_arg(node.args, value)
+            kwargs = fx.node.map_arg(node.kwargs, value)
+            with torch.no_grad():
+                if node.op == "call_module":
+                    return self.module(node)(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                return node.target(*args, **kwargs)
+
+        return fx.node.map_arg(arg, value)
+
+    def unsupported(self, node: fx.Node, what: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(
+            f"{what} at {self.where(node)}: the engine has no LRP rule for it and will not fall "
+            "back to the plain gradient. Wrap the code in a module and give that module a rule "
+            "by path (composite={..., 'path.to.module': rule}), or, if it only chains its "
+            "children in registration order, decorate its class with lrp.register_container."
+        )
+
+    # ---------------------------------------------------------------- passes
+    def build(self) -> Prepared:
+        self.kinds = {n: _kind(n, self) for n in self.graph.nodes}
+        self.dep = self.dependent()
+        self.functional_layers()
+        if self.s.composite.fold_batchnorm:
+            self.fold_batchnorms()
+        self.first_node = next(
+            (n for n in self.graph.nodes if n.op == "call_module" and n in self.dep
+             and isinstance(self.module(n), LINEAR_TYPES)),
+            None,
+        )
+        first_module = self.module(self.first_node) if self.first_node is not None else None
+        first_path = self.path(self.first_node) if self.first_node is not None else None
+        self.stem_pool = self.find_stem_pool()
+        self.pending_merges: dict[fx.Node, list[tuple[fx.Node, float]]] = {}
+        self.wrapped: set[str] = set()
+        for node in list(self.graph.nodes):
+            if node.graph is not self.graph or node not in self.dep:
+                continue
+            if node.op == "call_module":
+                self.wrap_module(node)
+            elif node.op in ("call_function", "call_method"):
+                self.rewrite_function(node)
+        self.finish_merges()
+        self.check_output()
+        self.mark_signs()
+        self.mark_inplace_relus()
+        self.add_probes()
+        self.graph.lint()
+        gm = fx.GraphModule(self.root, self.graph, class_name=type(self.root).__name__)
+        gm.eval()
+        return Prepared(gm, self.rules, first_path, first_module)
+
+    def functional_layers(self) -> None:
+        """``F.linear``/``F.conv*``/``F.*_norm`` with constant parameters become modules sharing
+        those tensors, so the layer rules and BatchNorm folding treat them like modules."""
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or node.target not in LAYER_FUNCTIONS:
+                continue
+            if node not in self.dep:
+                continue
+            norm = normalize_function(
+                node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
+            )
+            kwargs = dict(norm.kwargs) if norm is not None else {}
+            x = kwargs.pop("input", None)
+            if not isinstance(x, fx.Node) or any(a in self.dep for a in _iter_nodes(kwargs)):
+                raise self.unsupported(
+                    node, f"'{_op_name(node)}' with input-dependent parameters"
+                )
+            values = {k: self.constant(v) for k, v in kwargs.items()}
+            module = _layer_module(node.target, values)
+            if module is None:
+                raise self.unsupported(node, f"'{_op_name(node)}' in training mode")
+            target = self.new_target(module, node)
+            with self.graph.inserting_before(node):
+                new = self.graph.call_module(target, (x,))
+            self.kinds[new] = ("module", type(module))
+            self.dep.add(new)
+            self.replace(node, new)
+
+    def fold_batchnorms(self) -> None:
+        uses: dict[str, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                uses[str(node.target)] = uses.get(str(node.target), 0) + 1
+        for node in list(self.graph.nodes):
+            if node.op != "call_module" or not isinstance(self.module(node), BATCHNORM_TYPES):
+                continue
+            prev = node.args[0] if node.args else None
+            if not (isinstance(prev, fx.Node) and prev.op == "call_module"):
+                continue
+            lin, bn = self.module(prev), self.module(node)
+            if (self.value_users(prev) != 1 or uses[str(prev.target)] != 1
+                    or uses[str(node.target)] != 1):
+                continue
+            if str(prev.target) in self.folds or not can_fold(lin, bn):
+                continue
+            self.folds[str(prev.target)] = batchnorm_affine(lin, bn)
+            for i, (p, n) in enumerate(self.outputs):
+                if n is node:
+                    self.outputs[i] = (p, prev)
+            node.replace_all_uses_with(prev)
+            self.graph.erase_node(node)
+            self.replaced[node] = prev
+
+    def find_stem_pool(self) -> fx.Node | None:
+        """Otsuki et al.'s stem pool: the first max-pool, if it is a 3x3 stride-2 pool with
+        padding 1 (the ResNet stem's, whose output a 2x2 average pool reproduces) and no residual
+        merge comes before it. Other max-pools stay winner-takes-all."""
+        if self.s.composite.stem_pool is None:
+            return None
+        for node in self.graph.nodes:
+            if node not in self.dep:
+                continue
+            kind = self.kinds.get(node)
+            if kind and kind[0] == "module" and issubclass(kind[1], MAXPOOL_MODULES):
+                m = self.module(node)
+                hyper = (getattr(m, "kernel_size", None), getattr(m, "stride", None),
+                         getattr(m, "padding", None), getattr(m, "dilation", 1))
+                return node if _is_stem_pool(*hyper) else None
+            if node.op == "call_function" and node.target in MAXPOOL_FUNCTIONS:
+                norm = normalize_function(node.target, node.args, node.kwargs,
+                                          normalize_to_only_use_kwargs=True)
+                k = norm.kwargs if norm is not None else {}
+                hyper = (k.get("kernel_size"), k.get("stride"), k.get("padding", 0),
+                         k.get("dilation", 1))
+                return node if _is_stem_pool(*hyper) else None
+            if _arith(node) in ("add", "sub") and sum(
+                a in self.dep for a in node.all_input_nodes
+            ) >= 2:
+                return None
+        return None
+
+    # ---------------------------------------------------------------- modules
+    def module_rule(self, node: fx.Node, path: str, module: nn.Module) -> Rule | None:
+        composite = self.s.composite
+        if node is self.stem_pool:
+            return composite.stem_pool
+        rule = composite.rule_for(path, module, is_first=node is self.first_node)
+        if rule is not None:
+            return rule
+        if isinstance(module, GRADIENT_MODULES):
+            return None
+        if isinstance(module, PASS_MODULES):
+            return Pass()
+        if isinstance(module, POOL_MODULES):
+            return Proportional(self.options["stabilizer"])
+        if isinstance(module, nn.LocalResponseNorm):
+            return self.s.lrn_rule
+        if self.s.default_rules is not None:
+            rule = self.s.default_rules(path, module)
+            if rule is not None:
+                return rule
+        where = self.where(node)
+        if isinstance(module, LINEAR_TYPES):
+            raise UnsupportedLayerError(f"composite '{composite.name}' assigns no rule to {where}")
+        if isinstance(module, nn.Softmax | nn.LogSoftmax):
+            raise UnsupportedLayerError(
+                f"{where}: explain the logits; remove the final softmax (use output='probability')"
+            )
+        raise UnsupportedLayerError(
+            f"no LRP rule for {where}. Supported: Linear/Conv, BatchNorm, LayerNorm/GroupNorm, "
+            "pooling, element-wise activations, LocalResponseNorm, reshapes, residual additions, "
+            "gates (docs/ENGINE_API.md). Give it a rule by path: composite={..., '" + path
+            + "': rule}."
+        )
+
+    def wrap_module(self, node: fx.Node) -> None:
+        target = str(node.target)
+        if target in self.wrapped:
+            return
+        self.wrapped.add(target)
+        module = self.module(node)
+        path = self.path(node)
+        if isinstance(module, ResidualMerge | LinearRuleLayer | ModuleRuleLayer):
+            return
+        rule = self.module_rule(node, path, module)
+        fold = self.folds.get(target)
+        if fold is not None and not isinstance(rule, LinearRule):
+            materialize_fold(module, *fold)  # the module runs its own forward
+        if rule is None:
+            return
+        self.rules[path] = rule
+        if isinstance(rule, LinearRule):
+            if not isinstance(module, LINEAR_TYPES):
+                raise UnsupportedLayerError(
+                    f"{rule!r} needs a Linear/Conv layer, but '{path}' is {type(module).__name__}"
+                )
+            scale, bias = fold if fold is not None else (None, None)
+            wrapped: nn.Module = LinearRuleLayer(
+                module, rule, path, scale=scale, bias=bias, cache_weights=self.s.cache_weights
+            )
+        elif isinstance(rule, ModuleRule):
+            wrapped = ModuleRuleLayer(module, rule, path)
+        else:
+            raise InvalidInputError(f"rule for '{path}' must be a lrp.rules rule, got {rule!r}")
+        self.set_module(target, wrapped)
+
+    # ---------------------------------------------------------------- functions and methods
+    def rewrite_function(self, node: fx.Node) -> None:
+        dep_args = [a for a in _iter_nodes((node.args, node.kwargs)) if a in self.dep]
+        arith = _arith(node)
+        if node.op == "call_method":
+            name = _method(node)
+            if name in GRADIENT_METHODS:
+                return
+            if name in PASS_METHODS:
+                return self.to_passthrough(node, getattr(torch, name))
+            if name in POOL_METHODS:
+                return self.to_module_rule(node, POOL_METHODS[name], Proportional(
+                    self.options["stabilizer"]))
+            if name in OUTPUT_SOFTMAX_METHODS:
+                raise self.softmax_error(node)
+        elif node.op == "call_function":
+            fn = node.target
+            if fn is getattr:
+                if node.args[1] in ("T", "mT"):
+                    return
+                raise self.unsupported(node, f"attribute '{node.args[1]}' of a tensor")
+            if fn in GRADIENT_FUNCTIONS:
+                if node is self.stem_pool:
+                    return self.to_module_rule(node, fn, self.s.composite.stem_pool)
+                if (fn in DROPOUT_FUNCTIONS or fn is stochastic_depth) and _training_flag(node):
+                    raise self.unsupported(node, f"'{_op_name(node)}' in training mode")
+                return
+            if fn in PASS_FUNCTIONS:
+                return self.to_passthrough(node, fn)
+            if fn in POOL_FUNCTIONS:
+                return self.to_module_rule(node, fn, Proportional(self.options["stabilizer"]))
+            if fn in OUTPUT_SOFTMAX:
+                raise self.softmax_error(node)
+        if arith in ("add", "sub"):
+            return self.to_sum(node, arith)
+        if arith in ("mul", "div", "neg"):
+            return self.to_product(node, arith, dep_args)
+        raise self.unsupported(node, f"'{_op_name(node)}'")
+
+    def softmax_error(self, node: fx.Node) -> UnsupportedLayerError:
+        return UnsupportedLayerError(
+            f"softmax at {self.where(node)}: explain the logits; remove the final softmax "
+            "(use output='probability'). Attention softmax is the transformer issue's rule."
+        )
+
+    def to_passthrough(self, node: fx.Node, fn: Any) -> None:
+        x, *rest = node.args
+        if any(isinstance(a, fx.Node) and a in self.dep for a in rest):
+            raise self.unsupported(node, f"'{_op_name(node)}' of several input-dependent tensors")
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(passthrough_of(fn), (x, *rest), kwargs)
+        self.kinds[new] = self.kinds[node]
+        self.dep.add(new)
+        self.replace(node, new)
+
+    def to_module_rule(self, node: fx.Node, fn: Any, rule: Rule | None) -> None:
+        x, *rest = node.args
+        if not isinstance(x, fx.Node) or x not in self.dep or any(
+            isinstance(a, fx.Node) and a in self.dep for a in (*rest, *node.kwargs.values())
+        ):
+            raise self.unsupported(node, f"'{_op_name(node)}' of several input-dependent tensors")
+        args = self.constant(tuple(rest))
+        kwargs = self.constant(dict(node.kwargs))
+        assert isinstance(rule, ModuleRule)
+        layer = ModuleRuleLayer(FunctionModule(fn, args, kwargs), rule)
+        target = self.new_target(layer, node)
+        layer.path = self.display[target]
+        self.rules[layer.path] = rule
+        with self.graph.inserting_before(node):
+            new = self.graph.call_module(target, (x,))
+        self.kinds[new] = ("function", fn)
+        self.dep.add(new)
+        self.replace(node, new)
+
+    def to_sum(self, node: fx.Node, arith: str) -> None:
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        alpha = node.kwargs.get("alpha", 1)
+        sign = -1.0 if arith == "sub" else 1.0
+        a_dep = isinstance(a, fx.Node) and a in self.dep
+        b_dep = isinstance(b, fx.Node) and b in self.dep
+        if a_dep and b_dep:
+            terms: list[tuple[fx.Node, float]] = []
+            for arg, coef in ((a, 1.0), (b, sign * alpha)):
+                inner = self.pending_merges.get(arg)
+                if (inner is not None and self.value_users(arg) == 1
+                        and not self.is_module_output(arg)):
+                    terms.extend((t, c * coef) for t, c in inner)
+                    del self.pending_merges[arg]
+                else:
+                    terms.append((arg, coef))
+            self.pending_merges[node] = terms
+            return
+        eps, zero_bias = self.options["epsilon"], self.options["zero_bias"]
+        with self.graph.inserting_before(node):
+            if a_dep:  # x + c, x - c
+                const = b if sign * alpha == 1 else self.graph.call_function(
+                    operator.mul, (b, sign * alpha))
+                new = self.graph.call_function(bias_add, (a, const, eps, zero_bias))
+            else:  # c + x, c - x
+                x = b
+                if sign * alpha != 1:
+                    x = self.graph.call_function(passthrough_of(operator.mul), (b, sign * alpha))
+                    self.dep.add(x)
+                new = self.graph.call_function(bias_add, (x, a, eps, zero_bias))
+        self.kinds[new] = ("bias", None)
+        self.dep.add(new)
+        self.replace(node, new)
+
+    def value_users(self, node: fx.Node) -> int:
+        """How many nodes read ``node``'s values (shape queries do not)."""
+        return sum(1 for u in node.users if u in self.dep or u.op == "output")
+
+    def is_module_output(self, node: fx.Node) -> bool:
+        return any(n is node for _, n in self.outputs)
+
+    def to_product(self, node: fx.Node, arith: str, dep_args: list[fx.Node]) -> None:
+        if arith == "neg":
+            fn, args = torch.neg, ()
+            x = node.args[0]
+        elif len(dep_args) == 1:
+            x = dep_args[0]
+            a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+            if arith == "div" and x is not a:
+                raise self.unsupported(node, "division by an input-dependent tensor")
+            if arith == "div" and node.kwargs.get("rounding_mode") is not None:
+                raise self.unsupported(node, "rounded division")
+            fn = operator.mul if arith == "mul" else operator.truediv
+            args = (b if x is a else a,)
+        elif arith == "mul":
+            return self.to_gate(node)
+        else:
+            raise self.unsupported(node, f"'{_op_name(node)}' of two input-dependent tensors")
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(passthrough_of(fn), (x, *args))
+        self.kinds[new] = ("scale", fn)
+        self.dep.add(new)
+        self.replace(node, new)
+
+    def to_gate(self, node: fx.Node) -> None:
+        a, b = node.args[0], node.args[1]
+        gates = [f for f in (a, b) if isinstance(f, fx.Node) and self.is_gate(f)]
+        if len(gates) != 1 or a is b:
+            raise self.unsupported(
+                node,
+                "a product of two input-dependent tensors that is not a gate (a gate is one "
+                "factor computed by a sigmoid/hard-sigmoid, as in squeeze-excitation)",
+            )
+        signal = b if gates[0] is a else a
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(gate, (signal, gates[0]))
+        self.kinds[new] = ("gate", None)
+        self.dep.add(new)
+        self.replace(node, new)
+
+    def is_gate(self, node: fx.Node) -> bool:
+        """Whether ``node`` is a sigmoid/hard-sigmoid output, possibly reshaped or broadcast."""
+        while True:
+            kind = self.kinds.get(node)
+            if kind is None:
+                return False
+            if kind[0] == "module":
+                return issubclass(kind[1], GATE_MODULES)
+            if kind[0] == "function" and kind[1] in GATE_FUNCTIONS:
+                return True
+            if kind[0] == "method" and kind[1] in ("sigmoid", "hardsigmoid"):
+                return True
+            reshaping = (kind[0] == "method" and kind[1] in GRADIENT_METHODS) or (
+                kind[0] == "function" and kind[1] in GRADIENT_FUNCTIONS
+            )
+            if not reshaping or not isinstance(node.args[0], fx.Node):
+                return False
+            node = node.args[0]
+
+    def finish_merges(self) -> None:
+        for node, terms in self.pending_merges.items():
+            nodes = [self.resolve(t) or t for t, _ in terms]
+            identity = [
+                any(j != i and self.is_ancestor(nodes[i], nodes[j]) for j in range(len(nodes)))
+                for i in range(len(nodes))
+            ]
+            order = sorted(range(len(nodes)), key=lambda i: identity[i])  # identity skips last
+            merge = ResidualMerge(
+                self.s.residual,
+                identity=[identity[i] for i in order],
+                coefficients=[terms[i][1] for i in order],
+            )
+            target = self.new_target(merge, node)
+            with self.graph.inserting_before(node):
+                new = self.graph.call_module(target, tuple(nodes[i] for i in order))
+            self.kinds[new] = ("merge", None)
+            self.dep.add(new)
+            self.replace(node, new)
+
+    def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
+        """Whether ``b`` is computed from ``a`` (``a`` reaches the merge as an identity skip)."""
+        if a is b:
+            return False
+        limit = self.index[a]
+        stack, seen = [b], set()
+        while stack:
+            n = stack.pop()
+            for p in n.all_input_nodes:
+                if p is a:
+                    return True
+                if p not in seen and p in self.dep and self.index.get(p, -1) > limit:
+                    seen.add(p)
+                    stack.append(p)
+        return False
+
+    def check_output(self) -> None:
+        out = next(n for n in self.graph.nodes if n.op == "output")
+        value = out.args[0]
+        if not isinstance(value, fx.Node):
+            raise InvalidInputError(
+                f"{type(self.root).__name__}.forward must return one tensor (the logits), got a "
+                f"{type(value).__name__}; wrap the model so that it returns the logits"
+            )
+
+    # ---------------------------------------------------------------- signs and memory
+    def mark_signs(self) -> None:
+        """Propagate 'provably >= 0' along the graph; layers and merges use it to skip work."""
+        nonneg: dict[fx.Node, bool] = {}
+        layer_inputs: dict[int, bool] = {}
+        for node in self.graph.nodes:
+            value = False
+            args = [a for a in node.all_input_nodes if a in self.dep]
+            first = nonneg.get(node.args[0], False) if node.args and isinstance(
+                node.args[0], fx.Node) else False
+            if node.op == "call_module":
+                m = self.module(node)
+                if isinstance(m, LinearRuleLayer):
+                    layer_inputs[id(m)] = layer_inputs.get(id(m), True) and first
+                    m.input_nonnegative = layer_inputs[id(m)]
+                elif isinstance(m, ResidualMerge):
+                    m.nonnegative = tuple(nonneg.get(a, False) for a in node.args)
+                    value = all(m.nonnegative) and all(c > 0 for c in m.coefficients)
+                else:
+                    inner = m.module if isinstance(m, ModuleRuleLayer) else m
+                    if isinstance(inner, NONNEG_MODULES):
+                        value = True
+                    elif isinstance(inner, SIGN_KEEPING_MODULES) or (
+                        isinstance(inner, FunctionModule) and inner.fn in POOL_FUNCTIONS
+                    ):
+                        value = first
+            elif node.op == "call_function":
+                fn = getattr(node.target, "passthrough_fn", None)
+                if fn is not None:
+                    if fn in NONNEG_FUNCTIONS:
+                        value = True
+                    elif fn in (operator.mul, operator.truediv):
+                        value = first and isinstance(node.args[1], int | float) and node.args[1] > 0
+                elif node.target is gate:
+                    value = first
+                elif node.target in GRADIENT_FUNCTIONS:
+                    value = bool(args) and all(nonneg.get(a, False) for a in args)
+            elif node.op == "call_method" and _method(node) in GRADIENT_METHODS:
+                value = first
+            nonneg[node] = value
+
+    def mark_inplace_relus(self) -> None:
+        """Let Pass-ReLUs overwrite their input where only they read it (one activation less)."""
+        candidates: dict[int, list[bool]] = {}
+        modules: dict[int, ModuleRuleLayer] = {}
+        for node in self.graph.nodes:
+            if node.op != "call_module":
+                continue
+            m = self.module(node)
+            if not (isinstance(m, ModuleRuleLayer) and type(m.rule) is Pass
+                    and type(m.module) is nn.ReLU):
+                continue
+            prev = node.args[0]
+            ok = (
+                isinstance(prev, fx.Node)
+                and prev.op == "call_module"
+                and self.value_users(prev) == 1
+                and _private_output(self.module(prev))
+            )
+            candidates.setdefault(id(m), []).append(ok)
+            modules[id(m)] = m
+        for key, oks in candidates.items():
+            modules[key].inplace = all(oks)
+
+    def add_probes(self) -> None:
+        for path, node in self.outputs:
+            live = self.resolve(node)
+            if live is None or live not in self.dep:
+                continue
+            with self.graph.inserting_after(live):
+                self.graph.call_function(record_relevance, (live, path))
+
+
+def _is_stem_pool(kernel: Any, stride: Any, padding: Any, dilation: Any) -> bool:
+    def pair(v: Any) -> tuple:
+        return tuple(v) if isinstance(v, list | tuple) else (v, v)
+
+    return (pair(kernel), pair(stride if stride is not None else kernel), pair(padding),
+            pair(dilation)) == ((3, 3), (2, 2), (1, 1), (1, 1))
+
+
+def _private_output(module: nn.Module) -> bool:
+    """Whether a module's output tensor is new and kept by no autograd node of the engine."""
+    if isinstance(module, LinearRuleLayer | ResidualMerge):
+        return True  # their Functions save inputs and ratios, never their outputs
+    return isinstance(module, ModuleRuleLayer) and type(module.rule) is Pass
+
+
+def _shape_query(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target) in SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return node.args[1] in SHAPE_ATTRIBUTES
+        return node.target in SHAPE_FUNCTIONS or getattr(node.target, "__name__", "") in (
+            "_assert", "_assert_is_none")
+    return False
+
+
+def _training_flag(node: fx.Node) -> bool:
+    norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    return bool(norm is not None and norm.kwargs.get("training", False))
+
+
+def _kind(node: fx.Node, builder: _Builder) -> tuple[str, Any] | None:
+    if node.op == "call_module":
+        return ("module", type(builder.module(node)))
+    if node.op == "call_function":
+        return ("function", node.target)
+    if node.op == "call_method":
+        return ("method", _method(node))
+    return None
+
+
+class _AnyBatchNorm(nn.BatchNorm2d):
+    """BatchNorm for a functional ``F.batch_norm`` call, whatever its input's rank."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+def _param(t: Tensor | None) -> nn.Parameter | None:
+    # a Parameter of the same storage: the prepared copy holds no second set of weights
+    return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
+
+
+def _layer_module(fn: Any, v: dict[str, Any]) -> nn.Module | None:
+    """A module computing ``fn`` with the constant arguments ``v`` (None: not in eval mode)."""
+    if fn is F.linear:
+        w = v["weight"]
+        m: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=v.get("bias") is not None,
+                                 device=w.device, dtype=w.dtype)
+    elif fn in (F.conv1d, F.conv2d, F.conv3d):
+        w = v["weight"]
+        cls = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}[fn]
+        m = cls(w.shape[1] * v.get("groups", 1), w.shape[0], tuple(w.shape[2:]),
+                stride=v.get("stride", 1), padding=v.get("padding", 0),
+                dilation=v.get("dilation", 1), groups=v.get("groups", 1),
+                bias=v.get("bias") is not None, device=w.device, dtype=w.dtype)
+    elif fn is F.batch_norm:
+        if v.get("training") or v.get("running_mean") is None:
+            return None
+        mean = v["running_mean"]
+        m = _AnyBatchNorm(mean.numel(), eps=v.get("eps", 1e-5), affine=v.get("weight") is not None,
+                          device=mean.device, dtype=mean.dtype)
+        m.running_mean = mean
+        m.running_var = v["running_var"]
+        if v.get("weight") is None and v.get("bias") is not None:
+            return None
+    elif fn is F.layer_norm:
+        w, b = v.get("weight"), v.get("bias")
+        m = nn.LayerNorm(v["normalized_shape"], eps=v.get("eps", 1e-5),
+                         elementwise_affine=w is not None, bias=b is not None)
+    elif fn is F.group_norm:
+        w, b = v.get("weight"), v.get("bias")
+        m = nn.GroupNorm(v["num_groups"], w.numel() if w is not None else v["num_groups"],
+                         eps=v.get("eps", 1e-5), affine=w is not None)
+    elif fn is F.local_response_norm:
+        return nn.LocalResponseNorm(v["size"], v.get("alpha", 1e-4), v.get("beta", 0.75),
+                                    v.get("k", 1.0))
+    else:
+        return None
+    for name in ("weight", "bias"):
+        if name in v and hasattr(m, name) and getattr(m, name) is not None:
+            setattr(m, name, _param(v[name]))
+    return m.eval()
+
+
+def _iter_nodes(arg: Any) -> Iterator[fx.Node]:
+    if isinstance(arg, fx.Node):
+        yield arg
+    elif isinstance(arg, list | tuple):
+        for a in arg:
+            yield from _iter_nodes(a)
+    elif isinstance(arg, dict):
+        for a in arg.values():
+            yield from _iter_nodes(a)

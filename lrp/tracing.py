@@ -1,0 +1,168 @@
+"""Trace a whole model (root included) into a torch.fx graph whose leaves are the layers with rules.
+
+Structure is then found by data flow in the graph, whatever the module nesting or naming: every
+module the engine has a rule for (and every module a composite names by path) stays one
+``call_module`` node; everything else is traced through down to tensor operations.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import UnresolvedStructureError
+
+# Module types with a rule or an exact gradient, when their forward is the stock one. A subclass
+# that overrides forward (torchvision's LayerNorm2d, timm's BatchNormAct2d) is traced through, so
+# the functional call inside gets the rule.
+RULE_MODULE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_ENGINE_DIR = os.path.dirname(__file__)
+
+_USER_CONTAINERS: list[type[nn.Module]] = []
+
+
+def register_container(cls: type[nn.Module]) -> type[nn.Module]:
+    """Declare that ``cls.forward`` only chains its children in registration order.
+
+    The escape hatch for a container whose forward torch.fx cannot trace (data-dependent control
+    flow, say): the engine then follows its children one after another. Usable as a decorator.
+    """
+    _USER_CONTAINERS.append(cls)
+    return cls
+
+
+def _stock_forward(module: nn.Module) -> bool:
+    forward = type(module).forward
+    return any(isinstance(module, t) and forward is t.forward for t in RULE_MODULE_TYPES)
+
+
+@dataclass
+class Traced:
+    """A traced model: the graph, and the node that carries each module's output (by path)."""
+
+    graph: fx.Graph
+    outputs: list[tuple[str, fx.Node]] = field(default_factory=list)
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_paths: Collection[str]) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+        self.leaf_paths = set(leaf_paths)
+        self.outputs: list[tuple[str, fx.Node]] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths or _stock_forward(m):
+            return True
+        if isinstance(m, _CONTAINERS) or any(type(m) is c for c in _USER_CONTAINERS):
+            return False
+        # other torch.nn modules (activations, pools, dropout, LSTM, attention) are leaves: the
+        # engine gives them a rule or names them in an error
+        return type(m).__module__.startswith("torch.nn") and type(m).forward is not nn.Module.forward
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        path = self.path_of_module(m)
+        if any(type(m) is c for c in _USER_CONTAINERS) and path not in self.leaf_paths:
+            def chain(*a: Any, **k: Any) -> Any:
+                (x,) = a
+                for child in m.children():
+                    x = self.call_module(child, child.forward, (x,), {})
+                return x
+
+            forward = chain
+        out = super().call_module(m, forward, args, kwargs)
+        if path and isinstance(out, fx.Proxy):
+            self.outputs.append((path, out.node))
+        return out
+
+
+def _concrete_args(model: nn.Module) -> dict[str, Any]:
+    """Every forward parameter after the first must have a default: it is fixed to that value."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    concrete: dict[str, Any] = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise UnresolvedStructureError(
+                f"{type(model).__name__}.forward takes a second input '{p.name}' without a "
+                "default; the explainer feeds one tensor. Wrap the model in a module whose "
+                "forward takes the image only."
+            )
+        concrete[p.name] = p.default
+    return concrete
+
+
+def _internal(filename: str) -> bool:
+    return filename.startswith((_TORCH_DIR, _ENGINE_DIR))
+
+
+def user_frame(tb: Any) -> str:
+    """'file:line: code' of the innermost frame outside PyTorch ('' if none)."""
+    frames = [f for f in traceback.extract_tb(tb) if not _internal(f.filename)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def trace(model: nn.Module, leaf_paths: Collection[str] = ()) -> Traced:
+    """Trace ``model`` (its root forward included); errors name the module and source line."""
+    tracer = _Tracer(leaf_paths)
+    try:
+        graph = tracer.trace(model, concrete_args=_concrete_args(model) or None)
+    except UnresolvedStructureError:
+        raise
+    except Exception as err:  # fx fails in many ways on untraceable Python (control flow, len)
+        stack = list(tracer.module_stack)
+        where = stack[-1] if stack and stack[-1] else "<root>"
+        line = user_frame(err.__traceback__)
+        raise UnresolvedStructureError(
+            f"cannot follow the forward of the module at '{where}': torch.fx could not trace it "
+            f"({type(err).__name__}: {err}){' at ' + line if line else ''}. If that forward only "
+            "calls its children in registration order, decorate its class with "
+            "lrp.register_container; or name the module in the composite with a rule, "
+            "composite={..., '" + where + "': rule}, so it is treated as one layer."
+        ) from err
+    return Traced(graph, tracer.outputs)
+
+
+def scope(node: fx.Node) -> str:
+    """Path of the innermost module whose forward created ``node`` ('' for the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack), "") if stack else ""
+
+
+def source(node: fx.Node) -> str:
+    """'file:line: code' of the user code that created ``node`` ('' if fx recorded none)."""
+    trace_text = node.stack_trace or node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace_text.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File ") and not _internal(lines[i][5:].strip('"').split('"')[0]):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            loc = lines[i][5:].replace('"', "").split(", in ")[0].replace(", line ", ":")
+            return f"{loc}: {code}" if code else loc
+    return ""

@@ -6,14 +6,21 @@ and residual mode. The models and inputs are rebuilt from the seeds below (nothi
 logits and a parameter checksum is stored), so ``tests/test_legacy_regression.py`` imports
 ``build_model``/``make_input``/``CASES`` from here.
 
-Regenerate (only with the legacy engine checked out; the file is a record of *that* engine), from
-the repository root, so that ``lrp`` is this checkout's and not an editable install's:
+Regenerate only with the legacy engine (the file is a record of *that* engine). From the
+repository root, with the legacy ``lrp/`` extracted next to it (the script checks every file
+against the commit):
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m tests.make_legacy_references
+    rm -rf /tmp/legacy_engine && mkdir /tmp/legacy_engine
+    git archive 5417643 lrp | tar -x -C /tmp/legacy_engine
+    PYTHONPATH=/tmp/legacy_engine OMP_NUM_THREADS=1 .venv/bin/python \
+        tests/make_legacy_references.py --engine-commit 5417643
+
+(On a checkout of that commit itself: ``python -m tests.make_legacy_references``.)
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,25 +116,59 @@ def key(model: str, composite: str, residual: str) -> str:
     return f"{model}/{composite}/{residual}"
 
 
-def _engine_commit() -> str:
-    """The commit of ``lrp/``, refusing an engine from elsewhere or with uncommitted edits."""
+def _git(*cmd: str) -> str:
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=root, check=True)
+    return out.stdout
+
+
+def _engine_commit(claimed: str | None) -> str:
+    """The commit whose ``lrp/`` computed the references, verified file by file.
+
+    Without ``claimed``: this checkout's ``lrp/`` (no uncommitted edits). With it: the imported
+    ``lrp`` package (e.g. ``git archive`` of an old commit on PYTHONPATH) must equal that
+    commit's ``lrp/`` exactly, so a reference is never labelled with the wrong engine.
+    """
     root = Path(__file__).resolve().parent.parent
     engine = Path(lrp.__file__).resolve().parent
-    if engine != root / "lrp":
-        raise SystemExit(f"lrp imported from {engine}, not {root / 'lrp'}: run with python -m")
+    if claimed is None:
+        if engine != root / "lrp":
+            raise SystemExit(f"lrp imported from {engine}: run with python -m, or --engine-commit")
+        if _git("status", "--porcelain", "--", "lrp").strip():
+            raise SystemExit("lrp/ has uncommitted changes: references must record a commit")
+        return _git("log", "-1", "--format=%h", "--", "lrp").strip()
+    expected = set(_git("ls-tree", "-r", "--name-only", claimed, "lrp").split())
+    found = {f"lrp/{p.relative_to(engine).as_posix()}" for p in engine.rglob("*.py")}
+    if found != {f for f in expected if f.endswith(".py")}:
+        raise SystemExit(f"{engine} does not have the files of {claimed}:lrp")
+    for name in sorted(found):
+        if (engine.parent / name).read_text() != _git("show", f"{claimed}:{name}"):
+            raise SystemExit(f"{engine.parent / name} differs from {claimed}:{name}")
+    return _git("rev-parse", "--short", claimed).strip()
 
-    def git(*cmd: str) -> str:
-        return subprocess.run(
-            ["git", *cmd], capture_output=True, text=True, cwd=root, check=True
-        ).stdout.strip()
 
-    if git("status", "--porcelain", "--", "lrp"):
-        raise SystemExit("lrp/ has uncommitted changes: references must record a commit")
-    return git("log", "-1", "--format=%h", "--", "lrp")
+def _otsuki_with_winner_take_all_pools() -> lrp.Composite:
+    """otsuki2024 with every max-pool left to its gradient (winner takes all). On VGG, which has
+    no 3x3/2 stem pool, this is what issue 11 asks of the preset (the 2x2-average backward only
+    where the paper uses it); the legacy preset applied it to every max-pool."""
+    c = lrp.composites.get("otsuki2024")
+    rules = {k: r for k, r in c.rules.items() if not (isinstance(k, tuple) and nn.MaxPool2d in k)}
+    assert len(rules) == len(c.rules) - 1
+    return lrp.Composite(
+        c.name, rules, first=c.first, fold_batchnorm=c.fold_batchnorm, output=c.output
+    )
+
+
+# legacy-engine references of a variant composite: (model, key suffix, composite factory)
+VARIANTS = {
+    ("vgg11_bn", "otsuki2024"): ("otsuki2024[wta-maxpool]", _otsuki_with_winner_take_all_pools),
+}
 
 
 def main() -> None:
-    commit = _engine_commit()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine-commit", help="the commit of the lrp package on PYTHONPATH")
+    commit = _engine_commit(parser.parse_args().engine_commit)
     print(f"engine: lrp/ at {commit} ({lrp.__file__})")
     relevance: dict[str, torch.Tensor] = {}
     conservation: dict[str, torch.Tensor] = {}
@@ -146,6 +187,13 @@ def main() -> None:
                 )
                 e = explainer(x, target=target)
                 k = key(name, composite, residual)
+                relevance[k] = e.relevance.clone()
+                conservation[k] = lrp.conservation(e)
+                print(f"{k:60s} conservation {conservation[k].max().item():.2e}")
+        for (model_name, _), (suffix, factory) in VARIANTS.items():
+            if model_name == name:
+                e = lrp.Explainer(model, factory())(x, target=target)
+                k = key(name, suffix, "splitting")
                 relevance[k] = e.relevance.clone()
                 conservation[k] = lrp.conservation(e)
                 print(f"{k:60s} conservation {conservation[k].max().item():.2e}")

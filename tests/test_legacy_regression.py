@@ -6,12 +6,20 @@ The expected values are the explicitly labelled legacy references in
 ``tests/data/legacy_relevance.pt``, produced by ``tests/make_legacy_references.py`` with that
 engine; models and inputs are rebuilt here from the same seeds.
 
-One documented exception: the legacy ``otsuki2024`` preset drops the relevance of z+ outputs with
+Two documented exceptions, both changes issue 11 asks for:
+
+- the legacy ``otsuki2024`` preset gave every max-pool the 2x2-average backward; issue 11 keeps it
+  only where the paper uses it (ResNet's 3x3/2 stem pool). VGG has no such pool, so its
+  ``otsuki2024`` relevance is compared with the legacy engine's ``otsuki2024`` with
+  winner-takes-all max-pools (``VARIANTS`` in the script), still to 1e-10;
+- the legacy ``otsuki2024`` preset drops the relevance of z+ outputs with
 no positive contribution inside ResNeXt's 4-channel groups (about 1 % here; issue 11 asks for it
 to be redistributed). Those entries must either still equal the legacy values, or differ only by
 recovered relevance: never less than the legacy relevance anywhere (every z+ coefficient, pool
-share and split share of that preset is non-negative, so extra relevance can only add), and, in
-the conservative residual modes, conserved to < 1e-4.
+share and split share of that preset is non-negative (except the signed shares of
+``residual="proportional"``), so extra relevance can only add), and, in
+the conservative residual modes, conserved to < 1e-4 with eps 1e-7 (nothing dropped beyond the
+stabiliser) and to < 1e-3 with the published eps 1e-5 (issue 11's bound for the preset).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from make_legacy_references import (
     CASES,
     DATA,
+    VARIANTS,
     build_model,
     composite_options,
     key,
@@ -56,9 +65,15 @@ ENTRIES = [
 RECOVERABLE = {e for e in ENTRIES if e[0].startswith("resnext") and e[1] == "otsuki2024"}
 
 
+def _reference_key(name: str, composite: str, residual: str) -> str:
+    variant = VARIANTS.get((name, composite))
+    return key(name, variant[0], residual) if variant else key(name, composite, residual)
+
+
 def test_reference_file_covers_every_composite_and_mode() -> None:
     """A composite or residual mode added later must get a reference (regenerate the file)."""
-    assert set(_references()["relevance"]) == {key(*e) for e in ENTRIES}
+    variants = {key(name, suffix, "splitting") for (name, _), (suffix, _) in VARIANTS.items()}
+    assert set(_references()["relevance"]) == {key(*e) for e in ENTRIES} | variants
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -79,7 +94,7 @@ def _max_relative_gap(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(("name", "composite", "residual"), ENTRIES)
 def test_relevance_equals_legacy_engine(name: str, composite: str, residual: str) -> None:
-    ref = _references()["relevance"][key(name, composite, residual)]
+    ref = _references()["relevance"][_reference_key(name, composite, residual)]
     model = _model(name)
     explainer = lrp.Explainer(model, composite, residual=residual, **composite_options(composite))
     e = explainer(make_input(name), target=torch.tensor(CASES[name].target))
@@ -91,10 +106,18 @@ def test_relevance_equals_legacy_engine(name: str, composite: str, residual: str
         return
     # the grouped-conv fix changed the result: it may only have recovered lost relevance
     scale = ref.abs().max()
-    assert (e.relevance >= ref - RTOL * scale).all(), "relevance decreased somewhere"
-    legacy_error = _references()["conservation"][key(name, composite, residual)]
-    now = lrp.conservation(e)
+    if residual != "proportional":  # signed shares: added relevance may subtract somewhere
+        assert (e.relevance >= ref - RTOL * scale).all(), "relevance decreased somewhere"
+    legacy_error = _references()["conservation"][key(name, composite, residual)].tolist()
     if residual == "gradient":  # copies relevance at merges: not conservative, only more of it
         assert (e.relevance.flatten(1).sum(1) > ref.flatten(1).sum(1)).all()
-    else:
-        assert (now < 1e-4).all(), f"conservation {now.tolist()} (legacy {legacy_error.tolist()})"
+        return
+    # nothing dropped beyond the stabiliser: with eps 1e-7 the preset conserves to 1e-4 ...
+    tight = lrp.Explainer(model, composite, residual=residual, otsuki_epsilon=1e-7)(
+        make_input(name), target=torch.tensor(CASES[name].target)
+    )
+    error = lrp.conservation(tight).tolist()
+    assert max(error) < 1e-4, f"eps 1e-7: conservation {error} (legacy eps 1e-5: {legacy_error})"
+    # ... and with the published eps 1e-5 to issue 11's bound for the preset, 1e-3
+    error = lrp.conservation(e).tolist()
+    assert max(error) < 1e-3, f"eps 1e-5: conservation {error} (legacy: {legacy_error})"

@@ -464,6 +464,10 @@ def test_root_gate_gives_all_relevance_to_the_signal() -> None:
     contributions = xf * w
     expected = contributions / contributions.sum(1, keepdim=True) * e.initial[:, None]
     torch.testing.assert_close(e.relevance.flatten(1), expected, rtol=1e-10, atol=1e-12)
+    # the layer sums (record_layers) see the same: all relevance passes through the signal
+    recorded = lrp.Explainer(model, "lrp-0", zero_bias=True, stabilizer=0.0)(x, record_layers=True)
+    torch.testing.assert_close(recorded.relevance, e.relevance, rtol=0, atol=0)
+    torch.testing.assert_close(recorded.layer_relevance["signal"], e.initial, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("sigmoid", [False, True], ids=["product", "sigmoid-product"])

@@ -105,6 +105,25 @@ def check_every_composite(model: nn.Module, x: Tensor) -> list[str]:
             failures.append(f"{composite}: relevance not finite")
         elif not (e.relevance.flatten(1).abs().sum(1) > 0).all():
             failures.append(f"{composite}: relevance all zero for a sample")
+    failures += check_record_layers(model, x)
+    return failures
+
+
+def check_record_layers(
+    model: nn.Module, x: Tensor, composite: str = "epsilon-plus-flat"
+) -> list[str]:
+    """``record_layers=True`` (the diagnostic users reach for when relevance goes missing) works
+    and does not change the relevance; it reports the module that produces the logits."""
+    plain = lrp.Explainer(model, composite, **composite_options(composite))
+    try:
+        e = plain(x, record_layers=True)
+    except Exception as err:
+        return [f"{composite} record_layers=True: raises {_describe(err)}"]
+    failures = []
+    if not e.layer_relevance:
+        failures.append(f"{composite} record_layers=True: no layer relevance")
+    if not torch.equal(e.relevance, plain(x).relevance):
+        failures.append(f"{composite} record_layers=True: relevance changed")
     return failures
 
 

@@ -12,14 +12,14 @@ Two documented exceptions, both changes issue 11 asks for:
   only where the paper uses it (ResNet's 3x3/2 stem pool). VGG has no such pool, so its
   ``otsuki2024`` relevance is compared with the legacy engine's ``otsuki2024`` with
   winner-takes-all max-pools (``VARIANTS`` in the script), still to 1e-10;
-- the legacy ``otsuki2024`` preset drops the relevance of z+ outputs with
-no positive contribution inside ResNeXt's 4-channel groups (about 1 % here; issue 11 asks for it
-to be redistributed). Those entries must either still equal the legacy values, or differ only by
-recovered relevance: never less than the legacy relevance anywhere (every z+ coefficient, pool
-share and split share of that preset is non-negative (except the signed shares of
-``residual="proportional"``), so extra relevance can only add), and, in
-the conservative residual modes, conserved to < 1e-4 with eps 1e-7 (nothing dropped beyond the
-stabiliser) and to < 1e-3 with the published eps 1e-5 (issue 11's bound for the preset).
+- the legacy ``otsuki2024`` preset drops the relevance of z+ outputs with no positive
+  contribution inside ResNeXt's 4-channel groups (about 1 % here; issue 11 asks for it to be
+  redistributed). Those entries must either still equal the legacy values, or differ only by
+  recovered relevance: never less than the legacy relevance anywhere (every z+ coefficient, pool
+  share and split share of that preset is non-negative, except the signed shares of
+  ``residual="proportional"``, so extra relevance can only add), and, in the conservative
+  residual modes, conserved to < 1e-4 with eps 1e-7 (nothing dropped beyond the stabiliser) and
+  to < 1e-3 with the published eps 1e-5 (issue 11's bound for the preset).
 """
 
 from __future__ import annotations

@@ -79,12 +79,16 @@ def _bounds(options: dict[str, Any]) -> tuple[Any, Any]:
     return low, high
 
 
+def _lrp0(o: dict[str, Any]) -> LRP0:
+    return LRP0(o["zero_bias"], empty=o["empty"])
+
+
 def _eps(o: dict[str, Any]) -> Epsilon:
-    return Epsilon(o["epsilon"], zero_bias=o["zero_bias"])
+    return Epsilon(o["epsilon"], zero_bias=o["zero_bias"], empty=o["empty"])
 
 
 def _epsilon_plus(o: dict[str, Any]) -> Composite:
-    zplus = ZPlus(o["stabilizer"], zero_bias=o["zero_bias"])
+    zplus = ZPlus(o["stabilizer"], zero_bias=o["zero_bias"], empty=o["empty"])
     return Composite("epsilon-plus", _linear_map(zplus, _eps(o)))
 
 
@@ -103,7 +107,7 @@ def _epsilon_gamma_box(o: dict[str, Any]) -> Composite:
 
 
 def _epsilon_alpha2_beta1(o: dict[str, Any]) -> Composite:
-    rules = _linear_map(AlphaBeta(2.0, 1.0, o["stabilizer"]), _eps(o))
+    rules = _linear_map(AlphaBeta(2.0, 1.0, o["stabilizer"], empty=o["empty"]), _eps(o))
     return Composite("epsilon-alpha2-beta1", rules)
 
 
@@ -114,7 +118,7 @@ def _epsilon_alpha2_beta1_flat(o: dict[str, Any]) -> Composite:
 
 def _otsuki2024(o: dict[str, Any]) -> Composite:
     eps = o.get("otsuki_epsilon", 1e-5)
-    zplus = ZPlus(stabilizer=eps, zero_bias=True)
+    zplus = ZPlus(stabilizer=eps, zero_bias=True, empty=o["empty"])
     rules: dict[str | type, Rule] = {
         CONV_TYPES: zplus,  # type: ignore[dict-item]
         DENSE_TYPES: zplus,  # type: ignore[dict-item]
@@ -134,8 +138,14 @@ def _otsuki2024(o: dict[str, Any]) -> Composite:
     )
 
 
+def _epsilon_transformer(o: dict[str, Any]) -> Composite:
+    """Transformers: epsilon on every Linear and the patch embedding; LayerNorm, attention (the
+    explainer's ``attention=``), GELU, embeddings and merges get the engine's graph rules."""
+    return Composite("epsilon-transformer", _linear_map(_eps(o), _eps(o)))
+
+
 _FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
-    "lrp-0": lambda o: Composite("lrp-0", _linear_map(LRP0(o["zero_bias"]), LRP0(o["zero_bias"]))),
+    "lrp-0": lambda o: Composite("lrp-0", _linear_map(_lrp0(o), _lrp0(o))),
     "epsilon": lambda o: Composite("epsilon", _linear_map(_eps(o), _eps(o))),
     "epsilon-plus": _epsilon_plus,
     "epsilon-plus-flat": _epsilon_plus_flat,
@@ -143,6 +153,7 @@ _FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
     "epsilon-alpha2-beta1": _epsilon_alpha2_beta1,
     "epsilon-alpha2-beta1-flat": _epsilon_alpha2_beta1_flat,
     "otsuki2024": _otsuki2024,
+    "epsilon-transformer": _epsilon_transformer,
 }
 
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -150,6 +161,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "stabilizer": 1e-6,
     "gamma": 0.25,
     "zero_bias": False,
+    "empty": "flat",
 }
 OPTION_NAMES = frozenset({*DEFAULT_OPTIONS, "input_bounds", "otsuki_epsilon"})
 
@@ -164,7 +176,9 @@ def get(name: str, **options: Any) -> Composite:
 
     ``options``: epsilon (epsilon rule), stabilizer (other rules), gamma, input_bounds (z^B),
     zero_bias (leave biases out of epsilon/LRP-0/z+ denominators: biases absorb relevance, so
-    only bias-free propagation is conservative), otsuki_epsilon (the otsuki2024 preset's 1e-5).
+    only bias-free propagation is conservative), otsuki_epsilon (the otsuki2024 preset's 1e-5),
+    empty ("flat": an output with no contribution to divide by shares its relevance uniformly
+    over its receptive field; "drop": the plain rules, which lose it).
     """
     if name not in _FACTORIES:
         raise InvalidInputError(f"composite={name!r} is not one of {names()}")

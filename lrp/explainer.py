@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -16,6 +17,7 @@ from . import composites as composites_mod
 from .canonizers import disable_inplace
 from .errors import InvalidInputError
 from .graph import GraphSettings, prepare, recording
+from .rules.attention import MODES as ATTENTION_MODES
 from .rules.base import Rule
 from .rules.residual import resolve_mode
 
@@ -65,6 +67,7 @@ class Explainer:
         residual: str = "splitting",
         lrn: str | Rule = "taylor",
         lrn_epsilon: float | None = None,
+        attention: str = "attnlrp",
         cache_weights: bool = False,
         **options: Any,
     ) -> None:
@@ -76,6 +79,9 @@ class Explainer:
             raise InvalidInputError(f"output={self.output!r} is not one of {list(OUTPUTS)}")
         self.residual = resolve_mode(residual)
         self.lrn_rule = _lrn_rule(lrn, lrn_epsilon)
+        if attention not in ATTENTION_MODES:
+            raise InvalidInputError(f"attention={attention!r} is not one of {list(ATTENTION_MODES)}")
+        self.attention = attention
         self.cache_weights = bool(cache_weights)
         self.model = model
         self._fingerprint: tuple | None = None
@@ -113,7 +119,9 @@ class Explainer:
         shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
         model = copy.deepcopy(self.model, shared).eval()
         disable_inplace(model)
-        settings = GraphSettings(self.composite, self.residual, self.lrn_rule, self.cache_weights)
+        settings = GraphSettings(
+            self.composite, self.residual, self.lrn_rule, self.cache_weights, self.attention
+        )
         prepared = prepare(model, settings)
         self.rules = prepared.rules
         self.first_layer = prepared.first_layer
@@ -157,7 +165,14 @@ class Explainer:
         records: dict[str, Tensor] = {}
         with torch.enable_grad(), recording(records) if record_layers else nullcontext():
             x = x.requires_grad_(True)
-            logits = model(x)
+            try:
+                logits = model(x)
+            except AssertionError as err:  # the model's own input checks (e.g. a ViT's size)
+                message = re.sub(r"Proxy\([^)]*\)", "another value", str(err))  # traced text
+                raise InvalidInputError(
+                    f"{type(self.model).__name__} rejects input of shape {tuple(x.shape)}: "
+                    f"{message}"
+                ) from err
             _check_logits(logits, x.shape[0], validate)
             target_t = _resolve_target(target, logits, validate)
             initial_map = self._initial_relevance(logits.detach(), target_t, output_relevance)

@@ -38,9 +38,11 @@ from .canonizers import BATCHNORM_TYPES, LINEAR_TYPES, batchnorm_affine, can_fol
 from .composites import Composite
 from .errors import InvalidInputError, UnsupportedLayerError, UnsupportedOperationError
 from .layers import FunctionModule, LinearRuleLayer, ModuleRuleLayer
+from .rules import attention
 from .rules.base import ModuleRule, Pass, Rule
 from .rules.elementwise import bias_add, gate, passthrough_of
 from .rules.linear import LinearRule
+from .rules.normalization import AffineEpsilon, GroupNormRule, LayerNormRule
 from .rules.pooling import Proportional
 from .rules.residual import ResidualMerge
 from .tracing import Traced, scope, source, trace
@@ -226,8 +228,7 @@ LAYER_FUNCTIONS = {
     F.group_norm,
     F.local_response_norm,
 }
-OUTPUT_SOFTMAX = {torch.softmax, F.softmax, F.log_softmax, torch.log_softmax}
-OUTPUT_SOFTMAX_METHODS = {"softmax", "log_softmax"}
+OUTPUT_SOFTMAX = {F.log_softmax, torch.log_softmax}
 _ARITHMETIC_METHODS = {"add": ADD, "sub": SUB, "mul": MUL, "div": DIV, "neg": NEG}
 
 
@@ -268,7 +269,9 @@ def record_relevance(x: Any, path: str) -> None:
     if records is None or not isinstance(x, Tensor) or not x.requires_grad:
         return
 
-    def hook(g: Tensor) -> None:
+    def hook(g: Tensor | None) -> None:
+        if g is None:  # a gate branch: no relevance reaches it
+            return
         total = g.detach().flatten(1).sum(1)
         records[path] = records[path] + total if path in records else total
 
@@ -297,7 +300,7 @@ class GraphSettings:
     residual: str
     lrn_rule: Rule
     cache_weights: bool = False
-    default_rules: Callable[[str, nn.Module], Rule | None] | None = None
+    attention: str = "attnlrp"
 
 
 @dataclass
@@ -556,10 +559,13 @@ class _Builder:
             return Proportional(self.options["stabilizer"])
         if isinstance(module, nn.LocalResponseNorm):
             return self.s.lrn_rule
-        if self.s.default_rules is not None:
-            rule = self.s.default_rules(path, module)
-            if rule is not None:
-                return rule
+        eps, zero_bias = self.options["epsilon"], self.options["zero_bias"]
+        if isinstance(module, BATCHNORM_TYPES):  # not folded: no Linear/Conv feeds it alone
+            return AffineEpsilon(eps, zero_bias)
+        if isinstance(module, nn.GroupNorm):
+            return GroupNormRule(eps, zero_bias)
+        if isinstance(module, nn.LayerNorm):
+            return LayerNormRule(eps, zero_bias)
         where = self.where(node)
         if isinstance(module, LINEAR_TYPES):
             raise UnsupportedLayerError(f"composite '{composite.name}' assigns no rule to {where}")
@@ -583,6 +589,11 @@ class _Builder:
         path = self.path(node)
         if isinstance(module, ResidualMerge | LinearRuleLayer | ModuleRuleLayer):
             return
+        if isinstance(module, nn.MultiheadAttention) and path not in self.s.composite.rules:
+            self.set_module(target, attention.MultiheadAttentionLRP(
+                module, self.wrap_projection, path, mode=self.s.attention,
+                epsilon=self.options["epsilon"]))
+            return
         rule = self.module_rule(node, path, module)
         fold = self.folds.get(target)
         if fold is not None and not isinstance(rule, LinearRule):
@@ -605,6 +616,49 @@ class _Builder:
             raise InvalidInputError(f"rule for '{path}' must be a lrp.rules rule, got {rule!r}")
         self.set_module(target, wrapped)
 
+    def wrap_projection(self, linear: nn.Linear, path: str) -> nn.Module:
+        """The composite's rule on an attention projection (MultiheadAttention's in/out proj)."""
+        rule = self.s.composite.rule_for(path, linear, is_first=False)
+        if not isinstance(rule, LinearRule):
+            raise UnsupportedLayerError(
+                f"composite '{self.s.composite.name}' assigns no Linear rule to the attention "
+                f"projection '{path}'"
+            )
+        self.rules[path] = rule
+        return LinearRuleLayer(linear, rule, path, cache_weights=self.s.cache_weights)
+
+    def to_attention(self, node: fx.Node, fn: Callable[..., Tensor]) -> None:
+        """Softmax, products of input-dependent tensors and fused attention: the attention rules
+        of ``attention=`` (CP-LRP or AttnLRP)."""
+        mode = self.s.attention
+        if fn is attention.softmax:
+            if self.is_final(node):
+                raise self.softmax_error(node)
+            target = F.softmax if node.op == "call_method" else node.target
+            norm = normalize_function(target, node.args, node.kwargs,
+                                      normalize_to_only_use_kwargs=True)
+            k = dict(norm.kwargs) if norm is not None else {}
+            x = k.pop("input", node.args[0])
+            args, kwargs = (x, k.get("dim", -1)), {"mode": mode, "dtype": k.get("dtype")}
+        else:
+            args = node.args
+            kwargs = {**node.kwargs, "mode": mode, "epsilon": self.options["epsilon"]}
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(fn, args, kwargs)
+        self.kinds[new] = ("attention", fn)
+        self.dep.add(new)
+        self.replace(node, new)
+
+    def is_final(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value is the model output (up to reshapes): an output softmax."""
+        out = next(n for n in self.graph.nodes if n.op == "output").args[0]
+        while isinstance(out, fx.Node) and out is not node and out.args and (
+            (out.op == "call_method" and _method(out) in GRADIENT_METHODS)
+            or (out.op == "call_function" and out.target in GRADIENT_FUNCTIONS)
+        ):
+            out = out.args[0]
+        return out is node
+
     # ---------------------------------------------------------------- functions and methods
     def rewrite_function(self, node: fx.Node) -> None:
         dep_args = [a for a in _iter_nodes((node.args, node.kwargs)) if a in self.dep]
@@ -618,8 +672,8 @@ class _Builder:
             if name in POOL_METHODS:
                 return self.to_module_rule(node, POOL_METHODS[name], Proportional(
                     self.options["stabilizer"]))
-            if name in OUTPUT_SOFTMAX_METHODS:
-                raise self.softmax_error(node)
+            if name in attention.METHODS:
+                return self.to_attention(node, attention.METHODS[name])
         elif node.op == "call_function":
             fn = node.target
             if fn is getattr:
@@ -636,6 +690,8 @@ class _Builder:
                 return self.to_passthrough(node, fn)
             if fn in POOL_FUNCTIONS:
                 return self.to_module_rule(node, fn, Proportional(self.options["stabilizer"]))
+            if fn in attention.FUNCTIONS:
+                return self.to_attention(node, attention.FUNCTIONS[fn])
             if fn in OUTPUT_SOFTMAX:
                 raise self.softmax_error(node)
         if arith in ("add", "sub"):
@@ -647,7 +703,7 @@ class _Builder:
     def softmax_error(self, node: fx.Node) -> UnsupportedLayerError:
         return UnsupportedLayerError(
             f"softmax at {self.where(node)}: explain the logits; remove the final softmax "
-            "(use output='probability'). Attention softmax is the transformer issue's rule."
+            "(use output='probability')"
         )
 
     def to_passthrough(self, node: fx.Node, fn: Any) -> None:

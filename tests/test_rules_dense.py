@@ -129,7 +129,10 @@ def reference(
         zero_bias = name == "epsilon" and rule_spec[2]
         c = xb * Wb
         den = c.sum(2) + (0.0 if zero_bias else b)
-        return propagate(c, den, R, eps)
+        # a denominator of exactly 0: R_k spreads uniformly over the receptive field (empty="flat")
+        conn = (W != 0).to(F64)  # random weights: exact zeros only outside the receptive field
+        flat = torch.einsum("kj,nk->nj", conn / conn.sum(1, keepdim=True), R * (den == 0))
+        return propagate(c, den, R, eps) + flat
     if name == "gamma":
         g, eps = rule_spec[1], 1e-6
         z = (xb * Wb).sum(2) + b
@@ -375,19 +378,24 @@ def test_dense_matrix_is_the_layer(layer_kind: str) -> None:
     assert torch.allclose(x.reshape(3, -1) @ W.T + b, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_zero_denominator_lrp0_drops_relevance() -> None:
-    """eps = 0: an output whose contributions sum to exactly 0 gets no relevance (no NaN/inf)."""
+def test_zero_denominator_lrp0_drops_or_spreads_relevance() -> None:
+    """eps = 0: an output whose contributions sum to exactly 0 gets no relevance under the plain
+    rule (no NaN/inf); with empty="flat" (the default) its relevance spreads over its inputs."""
     layer = nn.Linear(3, 2, bias=False).to(F64)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [0.5, 2.0, 1.0]], dtype=F64))
     model = nn.Sequential(layer).eval()
     x = torch.tensor([[2.0, 2.0, 1.0]], dtype=F64)  # z_0 = 0 exactly
     R = torch.tensor([[3.0, 1.0]], dtype=F64)
-    out = lrp.Explainer(model, composite={nn.Linear: lrp.rules.LRP0()})(x, output_relevance=R)
+    plain = lrp.Explainer(model, composite={nn.Linear: lrp.rules.LRP0(empty="drop")})
+    out = plain(x, output_relevance=R)
     z1 = 0.5 * 2 + 2.0 * 2 + 1.0
     expected = torch.tensor([[0.5 * 2 / z1, 2.0 * 2 / z1, 1.0 / z1]], dtype=F64)
     assert torch.isfinite(out.relevance).all()
     assert_close(out.relevance, expected)
+    spread = lrp.Explainer(model, composite={nn.Linear: lrp.rules.LRP0()})(x, output_relevance=R)
+    assert_close(spread.relevance, expected + 3.0 / 3)  # a dense layer's field: every input
+    assert spread.relevance.sum() == pytest.approx(4.0, rel=1e-12)
 
 
 def test_epsilon_sign_of_zero_is_positive() -> None:
@@ -397,7 +405,8 @@ def test_epsilon_sign_of_zero_is_positive() -> None:
         layer.weight.copy_(torch.tensor([[1.0, -1.0]], dtype=F64))
     x = torch.tensor([[3.0, 3.0]], dtype=F64)  # z = 0 exactly
     R = torch.tensor([[2.0]], dtype=F64)
-    out = lrp.Explainer(nn.Sequential(layer).eval(), composite={nn.Linear: lrp.rules.Epsilon(0.5)})(
+    rule = lrp.rules.Epsilon(0.5, empty="drop")  # the plain rule ("flat" spreads a 0 denominator)
+    out = lrp.Explainer(nn.Sequential(layer).eval(), composite={nn.Linear: rule})(
         x, output_relevance=R
     )
     assert_close(out.relevance, torch.tensor([[3.0 / 0.5 * 2.0, -3.0 / 0.5 * 2.0]], dtype=F64))
@@ -673,14 +682,12 @@ def test_composites_on_torchvision(tv_models, model_name: str, name: str) -> Non
     model, x, logits = tv_models[model_name]
     opts = {"input_bounds": (-3.0, 3.0)} if name == "epsilon-gamma-box" else {}
     explainer = lrp.Explainer(model, composite=name, **opts)
-    if model_name == "alexnet" and name == "otsuki2024":
-        # the preset's 2x2 average-pool backward only fits max-pools that halve the size
-        with pytest.raises(
-            lrp.UnsupportedLayerError, match=r"at 'features\.\d+'.*2x2 average-pool"
-        ):
-            explainer(x)
-        return
     e = explainer(x)
+    if name == "otsuki2024":
+        # the 2x2 average-pool backward is the ResNet stem's (3x3/2, padding 1) only: AlexNet's
+        # and VGG's max-pools stay winner-takes-all
+        assert not any(isinstance(r, lrp.rules.Proportional) and r.through is not None
+                       for r in explainer.rules.values())
     assert e.relevance.shape == x.shape
     assert torch.isfinite(e.relevance).all()
     assert e.relevance.abs().sum() > 0

@@ -63,13 +63,24 @@ class LinearRule(Rule):
 
 
 class Epsilon(LinearRule):
-    """c_jk = x_j w_jk, denominator z_k + eps * sign(z_k) (bias included unless ``zero_bias``)."""
+    """c_jk = x_j w_jk, denominator z_k + eps * sign(z_k) (bias included unless ``zero_bias``).
 
-    def __init__(self, epsilon: float = 1e-6, zero_bias: bool = False) -> None:
+    ``empty="flat"`` (default): an output whose denominator is exactly 0 before stabilising (no
+    input contributes; with ``zero_bias`` an output that is its bias alone, e.g. behind a dead
+    ReLU window of a depthwise conv) cannot pass its relevance on under the plain rule, which
+    drops it (``"drop"``, Zennit's behaviour). "flat" shares it uniformly over the output's
+    receptive field, as ``AlphaBeta`` does for outputs with no positive contribution, so LRP-0
+    with ``zero_bias`` stays conservative.
+    """
+
+    def __init__(self, epsilon: float = 1e-6, zero_bias: bool = False, empty: str = "flat") -> None:
         if epsilon < 0:
             raise ValueError(f"Epsilon: epsilon must be >= 0, got {epsilon}")
+        if empty not in ("flat", "drop"):
+            raise ValueError(f"Epsilon: empty={empty!r} is not one of ['flat', 'drop']")
         self.epsilon = float(epsilon)
         self.zero_bias = zero_bias
+        self.empty = empty
 
     def forward(self, layer, p, x, z):
         if self.zero_bias and layer.bias is not None:
@@ -78,17 +89,22 @@ class Epsilon(LinearRule):
 
     def backward(self, layer, p, x, saved, relevance):
         (den,) = saved  # private to this layer and used once: divide into its storage
-        return layer.linear_transpose(torch.div(relevance, den, out=den), x).mul_(x)
+        flat = None
+        if self.empty == "flat":  # stabilize() maps an exact 0 to +eps (or inf for eps = 0)
+            empty = den == (self.epsilon if self.epsilon > 0 else float("inf"))
+            flat = _flat_transpose(layer, torch.where(empty, relevance, 0.0), x)
+        r = layer.linear_transpose(torch.div(relevance, den, out=den), x).mul_(x)
+        return r if flat is None else r.add_(flat)
 
 
 class LRP0(Epsilon):
     """The basic rule (Bach et al. 2015): gradient x input on ReLU networks."""
 
-    def __init__(self, zero_bias: bool = False) -> None:
-        super().__init__(epsilon=0.0, zero_bias=zero_bias)
+    def __init__(self, zero_bias: bool = False, empty: str = "flat") -> None:
+        super().__init__(epsilon=0.0, zero_bias=zero_bias, empty=empty)
 
     def __repr__(self) -> str:
-        return f"LRP0(zero_bias={self.zero_bias})"
+        return f"LRP0(zero_bias={self.zero_bias}, empty={self.empty!r})"
 
 
 class Gamma(LinearRule):

@@ -32,12 +32,24 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 import lrp
-from lrp.rules.residual import MODES
 
 DATA = Path(__file__).with_name("data") / "legacy_relevance.pt"
 DTYPE = torch.float64
 NUM_CLASSES = 10
 INPUT_BOUNDS = (-3.0, 3.0)  # epsilon-gamma-box; inputs are clamped into them
+# lrp.composites.names() of the legacy engine: composites added later have no legacy reference
+LEGACY_COMPOSITES = (
+    "lrp-0",
+    "epsilon",
+    "epsilon-plus",
+    "epsilon-plus-flat",
+    "epsilon-gamma-box",
+    "epsilon-alpha2-beta1",
+    "epsilon-alpha2-beta1-flat",
+    "otsuki2024",
+)
+# lrp.rules.residual.MODES of the legacy engine
+LEGACY_MODES = ("splitting", "half", "gradient", "proportional", "ablation-i", "ablation-iii")
 
 
 def _random_batchnorm_statistics(model: nn.Module, seed: int) -> nn.Module:
@@ -81,9 +93,9 @@ CASES: dict[str, Case] = {
     # 24 px keeps every stage's map > 1 px up to layer4 (12, 6, 6, 3, 2, 1) and the file small
     "resnet18": Case(
         lambda: torchvision.models.resnet18(weights=None, num_classes=NUM_CLASSES),
-        0, 1, 2, (1, 3, 24, 24), (3,), MODES,
+        0, 1, 2, (1, 3, 24, 24), (3,), LEGACY_MODES,
     ),
-    "resnext_1111_32x4d": Case(_reduced_resnext, 0, 1, 2, (1, 3, 24, 24), (5,), MODES),
+    "resnext_1111_32x4d": Case(_reduced_resnext, 0, 1, 2, (1, 3, 24, 24), (5,), LEGACY_MODES),
 }  # fmt: skip
 
 
@@ -173,6 +185,10 @@ def main() -> None:
     relevance: dict[str, torch.Tensor] = {}
     conservation: dict[str, torch.Tensor] = {}
     meta: dict[str, dict[str, object]] = {}
+    from lrp.rules.residual import MODES
+
+    if tuple(lrp.composites.names()) != LEGACY_COMPOSITES or tuple(MODES) != LEGACY_MODES:
+        raise SystemExit(f"not the legacy engine: composites {lrp.composites.names()}")
     for name, case in CASES.items():
         model = build_model(name)
         x = make_input(name)
@@ -180,7 +196,7 @@ def main() -> None:
         with torch.no_grad():
             logits = model(x)
         meta[name] = {"logits": logits, "checksum": parameter_checksum(model)}
-        for composite in lrp.composites.names():
+        for composite in LEGACY_COMPOSITES:
             for residual in case.residual_modes:
                 explainer = lrp.Explainer(
                     model, composite, residual=residual, **composite_options(composite)

@@ -42,7 +42,9 @@ class Composite:
     preferred initial relevance (``None``: the explainer's default). ``stem_pool`` (if set) is
     the rule of the stem's max-pool: the first max-pool, when no residual merge precedes it.
     ``options`` are the option values the composite was built with; the engine's default rules
-    (pools, norms, biases of graph operations) take theirs from it.
+    (pools, norms, biases of graph operations) take theirs from it. ``fixed_options`` are the
+    values the composite itself imposes on those defaults (``lrp-0``: epsilon 0 everywhere;
+    ``otsuki2024``: biases out of every denominator, as the paper drops the fc bias).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Composite:
     output: str | None = None
     stem_pool: Rule | None = None
     options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+    fixed_options: dict[str, Any] = field(default_factory=dict)
 
     def rule_for(self, path: str, module: nn.Module, is_first: bool) -> Rule | None:
         if path in self.rules:
@@ -135,6 +138,7 @@ def _otsuki2024(o: dict[str, Any]) -> Composite:
         fold_batchnorm=False,
         output="probability",
         stem_pool=stem,
+        fixed_options={"zero_bias": True},  # LayerNorm/GroupNorm, stand-alone BN, constant adds
     )
 
 
@@ -145,7 +149,9 @@ def _epsilon_transformer(o: dict[str, Any]) -> Composite:
 
 
 _FACTORIES: dict[str, Callable[[dict[str, Any]], Composite]] = {
-    "lrp-0": lambda o: Composite("lrp-0", _linear_map(_lrp0(o), _lrp0(o))),
+    "lrp-0": lambda o: Composite(
+        "lrp-0", _linear_map(_lrp0(o), _lrp0(o)), fixed_options={"epsilon": 0.0}
+    ),
     "epsilon": lambda o: Composite("epsilon", _linear_map(_eps(o), _eps(o))),
     "epsilon-plus": _epsilon_plus,
     "epsilon-plus-flat": _epsilon_plus_flat,
@@ -184,7 +190,7 @@ def get(name: str, **options: Any) -> Composite:
         raise InvalidInputError(f"composite={name!r} is not one of {names()}")
     merged = _merged(options)
     composite = _FACTORIES[name](merged)
-    composite.options = merged
+    composite.options = {**merged, **composite.fixed_options}
     return composite
 
 

@@ -22,7 +22,7 @@ import lrp
 
 INPUT_BOUNDS = (-3.0, 3.0)
 LRP0_TOLERANCE = 1e-8  # float64, LRP-0, zero_bias=True, stabilizer=0 (issue 11)
-OTSUKI_TOLERANCE = 1e-3  # float32, the published eps 1e-5 absorbs a little (issue 11)
+OTSUKI_TOLERANCE = 1e-3  # float32 (issue 11)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -158,10 +158,16 @@ def check_lrp0_conserves(model: nn.Module, x: Tensor) -> list[str]:
 
 
 def check_otsuki_conserves(model: nn.Module, x: Tensor) -> list[str]:
-    """The otsuki2024 preset (z+ everywhere, splitting at every merge) explains the softmax
-    probability and conserves it up to its eps 1e-5."""
+    """The otsuki2024 preset (z+ everywhere, splitting at every merge, bias-free) explains the
+    softmax probability and conserves it in float32.
+
+    With a stabiliser small against the activations (``otsuki_epsilon=1e-9``). The published
+    1e-5 absorbs 1-50 % on depthwise/grouped-conv families with random weights (EfficientNet,
+    MobileNet, MNASNet, ShuffleNet: small z+ denominators; measured in BENCHMARKS.md); on the
+    paper's ResNets tests/test_resnet.py checks the published value itself.
+    """
     try:
-        e = lrp.Explainer(model, "otsuki2024")(x)
+        e = lrp.Explainer(model, "otsuki2024", otsuki_epsilon=1e-9)(x)
     except Exception as err:
         return [f"otsuki2024 float32: raises {_describe(err)}"]
     with torch.no_grad():

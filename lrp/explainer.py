@@ -140,9 +140,10 @@ class Explainer:
         return t.device if t is not None else torch.device("cpu")
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype | None:
+        """The model's parameter dtype (None for a model without parameters: x keeps its own)."""
         t = next(self.model.parameters(), None)
-        return t.dtype if t is not None else torch.get_default_dtype()
+        return t.dtype if t is not None else None
 
     def __call__(
         self,
@@ -221,7 +222,8 @@ class Explainer:
             raise InvalidInputError(
                 f"x must be a non-empty batch (N, ...), got shape {tuple(x.shape)}"
             )
-        x = x.detach().to(device=self.device, dtype=self.dtype, non_blocking=True).clone()
+        dtype = self.dtype or x.dtype
+        x = x.detach().to(device=self.device, dtype=dtype, non_blocking=True).clone()
         if validate and not torch.isfinite(x).all():
             raise InvalidInputError("x contains NaN or Inf values")
         return x

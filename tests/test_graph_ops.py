@@ -1,0 +1,188 @@
+"""The graph pass's rules for operations that are not layers (docs/ENGINE_API.md, "Which
+operation gets which rule"), each against the formula computed independently on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lrp
+from lrp.rules.residual import ResidualMerge
+
+F64 = torch.float64
+
+
+def explain(model: nn.Module, x: torch.Tensor, r_out: torch.Tensor, **options) -> torch.Tensor:
+    composite = options.pop("composite", {nn.Linear: lrp.rules.Epsilon(0.0, zero_bias=True)})
+    e = lrp.Explainer(model.double().eval(), composite, **options)(x, output_relevance=r_out)
+    return e.relevance
+
+
+class AddConstant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.tensor([0.5, -1.0, 2.0], dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift
+
+
+@pytest.mark.parametrize("zero_bias", [False, True])
+def test_adding_a_parameter_is_a_bias(zero_bias: bool) -> None:
+    x = torch.tensor([[1.0, 2.0, -3.0]], dtype=F64)
+    r = torch.tensor([[1.0, 1.0, 1.0]], dtype=F64)
+    got = explain(AddConstant(), x, r, composite="epsilon", epsilon=0.1, zero_bias=zero_bias)
+    y = x + torch.tensor([0.5, -1.0, 2.0], dtype=F64)
+    expected = r if zero_bias else r * x / (y + 0.1 * torch.where(y >= 0, 1.0, -1.0))
+    torch.testing.assert_close(got, expected)
+
+
+class LayerScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.tensor([2.0, -0.5, 3.0], dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.gamma) / 4.0 - x.neg()
+
+
+def test_scaling_by_constants_passes_relevance() -> None:
+    """x * c, x / c and -x are diagonal linear maps; ``x*g/4 - (-x)`` is a two-term merge."""
+    x = torch.tensor([[1.0, 2.0, -3.0]], dtype=F64)
+    r = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64)
+    got = explain(LayerScale(), x, r)
+    h1 = x * torch.tensor([2.0, -0.5, 3.0], dtype=F64) / 4.0
+    h2 = x  # -(-x)
+    share = h1.abs() / (h1.abs() + h2.abs())
+    torch.testing.assert_close(got, r * share + r * (1 - share))  # both terms pass back to x
+    assert got.sum() == pytest.approx(r.sum().item())
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal = nn.Linear(4, 3)
+        self.gate_fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.signal(x) * torch.sigmoid(self.gate_fc(x))
+
+
+def test_gate_gives_all_relevance_to_the_signal() -> None:
+    torch.manual_seed(0)
+    model = Gated().double().eval()
+    x = torch.randn(2, 4, dtype=F64)
+    r = torch.randn(2, 3, dtype=F64)
+    got = explain(model, x, r)
+    # the signal's linear layer under LRP-0 without bias, with the gated output's relevance
+    w = model.signal.weight
+    z = x @ w.T
+    expected = x * ((r / z) @ w)
+    torch.testing.assert_close(got, expected)
+
+
+def test_product_of_two_signals_is_an_error() -> None:
+    class Square(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x
+
+    with pytest.raises(lrp.UnsupportedOperationError, match="not a gate"):
+        lrp.Explainer(Square().double())(torch.randn(2, 3, dtype=F64))
+
+
+class ThreeWay(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3, bias=False)
+        self.b = nn.Linear(3, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x) - x
+
+
+def test_chained_merge_is_one_n_term_split() -> None:
+    """``a(x) + b(x) - x``: one three-term merge, shares |h_i| / sum |h_j|, x the identity skip."""
+    torch.manual_seed(1)
+    model = ThreeWay().double().eval()
+    x = torch.randn(2, 3, dtype=F64)
+    r = torch.randn(2, 3, dtype=F64)
+    explainer = lrp.Explainer(model, {nn.Linear: lrp.rules.Epsilon(0.0)})
+    got = explainer(x, output_relevance=r).relevance
+    merges = [m for m in explainer.prepared_model().modules() if isinstance(m, ResidualMerge)]
+    assert len(merges) == 1 and merges[0].identity == (False, False, True)
+    assert merges[0].coefficients == (1.0, 1.0, -1.0)
+    ha, hb = model.a(x).detach(), model.b(x).detach()
+    total = ha.abs() + hb.abs() + x.abs()
+    ra, rb = r * ha.abs() / total, r * hb.abs() / total
+    wa, wb = model.a.weight, model.b.weight
+    expected = x * ((ra / ha) @ wa) + x * ((rb / hb) @ wb) + (r - ra - rb)
+    torch.testing.assert_close(got, expected)
+
+
+class FunctionalPools(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(F.relu(x), 2).mean((2, 3))
+
+
+def test_functional_pools_get_the_proportional_rule_with_the_stabilizer() -> None:
+    """``F.avg_pool2d`` and ``x.mean`` share relevance in proportion to their inputs; the
+    ``stabilizer=`` option reaches them (issue 11)."""
+    x = torch.rand(1, 2, 4, 4, dtype=F64) + 0.1
+    r = torch.tensor([[1.0, 2.0]], dtype=F64)
+    exact = explain(FunctionalPools(), x, r, stabilizer=0.0)
+    expected = r.view(1, 2, 1, 1) * x / x.sum((2, 3), keepdim=True)
+    torch.testing.assert_close(exact, expected)
+    loose = explain(FunctionalPools(), x, r, stabilizer=1.0)
+    assert (loose.sum() - r.sum()).abs() > 1e-2  # a large stabiliser absorbs relevance
+
+
+def test_functional_max_pool_is_winner_takes_all() -> None:
+    class Pool(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.max_pool2d(x, 2).flatten(1)
+
+    x = torch.tensor([[[[1.0, 5.0], [2.0, 3.0]]]], dtype=F64)
+    got = explain(Pool(), x, torch.tensor([[4.0]], dtype=F64))
+    torch.testing.assert_close(got, torch.tensor([[[[0.0, 4.0], [0.0, 0.0]]]], dtype=F64))
+
+
+def test_otsuki_stem_pool_is_only_the_resnet_stem_shape() -> None:
+    """The 2x2-average backward goes to a first 3x3/2/pad-1 max-pool only."""
+    def net(pool: nn.Module) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), pool, nn.Flatten(),
+                             nn.LazyLinear(2))
+
+    stem = net(nn.MaxPool2d(3, 2, 1))
+    other = net(nn.MaxPool2d(2, 2))
+    x = torch.rand(1, 3, 8, 8)
+    for model in (stem, other):
+        model(x)  # materialise the lazy layer
+    rules = lrp.Explainer(stem.eval(), "otsuki2024")
+    rules(x)
+    assert isinstance(rules.rules["2"], lrp.rules.Proportional) and rules.rules["2"].through
+    plain = lrp.Explainer(other.eval(), "otsuki2024")
+    plain(x)
+    assert "2" not in plain.rules  # winner takes all: the ordinary gradient
+
+
+def test_shape_queries_and_constants_carry_no_relevance() -> None:
+    class Reshaping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 2, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            torch._assert(x.dim() == 4, "4-D input")
+            h = torch.cat([x[:, :1], x[:, 1:]], dim=1).permute(0, 2, 3, 1).reshape(n, -1)
+            return self.fc(h)
+
+    torch.manual_seed(2)
+    model = Reshaping().double().eval()
+    x = torch.randn(3, 2, 2, 2, dtype=F64)
+    e = lrp.Explainer(model, "lrp-0")(x)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xg).gather(1, e.target[:, None]).sum(), xg)
+    torch.testing.assert_close(e.relevance, g * x)  # LRP-0 on a linear model = gradient x input

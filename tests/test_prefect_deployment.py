@@ -78,6 +78,14 @@ def test_deployment_run_completes(tmp_path: Path) -> None:
             flow_run = pipeline_runs[0]
             assert flow_run["state_type"] == "COMPLETED", (out, (logs / "serve.log").read_text())
             assert flow_run["parameters"]["overrides"] == {"train.epochs": 1, "evaluate.steps": 5}
+            # the run's markdown artifact carries the method x metric table and the MLflow link
+            artifacts = httpx.post(
+                f"{api}/artifacts/filter",
+                json={"artifacts": {"key": {"any_": ["lrp-report"]}}, "limit": 10},
+                timeout=10,
+            ).json()
+            assert len(artifacts) == 1, artifacts
+            report = artifacts[0]["data"]
         finally:
             for p in reversed(procs):
                 stop(p)
@@ -85,8 +93,8 @@ def test_deployment_run_completes(tmp_path: Path) -> None:
     # The run wrote its own output folder (DVC outputs untouched) and an MLflow run linked to it.
     run_dirs = list((work / "outputs" / "runs").iterdir())
     assert len(run_dirs) == 1
-    metrics = json.loads((run_dirs[0] / "metrics" / "lrn_cnn.json").read_text())
-    assert metrics["epsilon-plus-flat"]["n_images"] > 0
+    metrics = json.loads((run_dirs[0] / "metrics" / "lrn_cnn" / "explain.json").read_text())
+    assert metrics["composite"]["n_images"] > 0
     assert not (work / "outputs" / "models").exists()
     from mlflow.tracking import MlflowClient
 
@@ -96,3 +104,5 @@ def test_deployment_run_completes(tmp_path: Path) -> None:
         [exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run['id']}'"
     )
     assert parents and all(r.info.status == "FINISHED" for r in parents)
+    assert any(r.info.run_id in report for r in parents), report  # the artifact links the run
+    assert "insertion" in report.lower()

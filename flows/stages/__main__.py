@@ -1,66 +1,21 @@
-"""Command line of the DVC stages: ``python -m flows.stages {data,train,explain,evaluate,report}``.
+"""``python -m flows.stages {data,train,explain,evaluate,report}``: the command DVC runs per stage.
 
-Each command runs the stage's Prefect flow against the server in ``PREFECT_API_URL`` (one server
-for a whole ``dvc repro``: ``python -m flows.server -- dvc repro``) or, without it, a temporary
-server of its own; it says which. Errors print one clear line (file or params key named) and exit
-non-zero, so DVC records nothing as done.
+Kept to the standard library: with ``LRP_STAGE_SERVER`` set (``python -m flows.server -- dvc
+repro``) the stage runs in a child of the stage server, which imported the stack once
+(:mod:`flows.stages.forkserver`); otherwise, or when that server cannot serve this code, the stage
+runs here (:mod:`flows.stages.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from collections.abc import Sequence
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-from flows.config import ParamsError
-from flows.context import load_context
-from flows.stages.registry import STAGES
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__)
-    parser.add_argument("stage", choices=list(STAGES))
-    parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-    parser.add_argument("--model", help="architecture (stages that run per model)")
-    parser.add_argument("--force", action="store_true", help="data: regenerate the dataset")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one stage; return the exit status."""
-    args = _parser().parse_args(argv)
-    stage = STAGES[args.stage]
-    if stage.per_model and not args.model:
-        print(f"error: stage {args.stage!r} needs --model", file=sys.stderr)
-        return 2
-    try:  # validate params before starting Prefect: a typo fails in a second with the key named
-        load_context(args.params)
-    except ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    api = os.environ.get("PREFECT_API_URL")
-    print(f"Prefect: stage {args.stage} reports to {api}" if api else
-          f"Prefect: stage {args.stage} starts a temporary server (5-15 s; share one for the "
-          "whole run: python -m flows.server -- dvc repro)", file=sys.stderr)
-    kwargs: dict[str, object] = {"params_path": args.params}
-    if stage.per_model:
-        kwargs["model"] = args.model
-    if args.force:
-        kwargs["force"] = True
-    try:
-        stage.flow(**kwargs)
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command (or dvc repro) to resume", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print(f"error: stage {args.stage} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
+from flows.stages.forkserver import delegate
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = delegate(sys.argv[1:])
+    if code is None:
+        from flows.stages.cli import main
+
+        code = main()
+    sys.exit(code)

@@ -1,0 +1,234 @@
+"""Stages without the import tax: one process imports torch, Prefect, MLflow and the flows once,
+then forks a fresh child for every ``python -m flows.stages ...`` that DVC runs.
+
+Each DVC stage is a new process, and importing the stack costs 10-16 s, more than the tiny
+pipeline's work. ``python -m flows.server -- dvc repro`` starts this server next to the Prefect
+server and sets ``LRP_STAGE_SERVER`` to its socket. The stage command (:func:`delegate`, stdlib
+only) hands its argv, working directory, environment and stdin/stdout/stderr to the server; a
+forked child runs the stage exactly as :mod:`flows.stages.cli` would, writing to the caller's
+terminal, and the caller exits with the child's status. Ctrl-C and SIGTERM reach the child.
+
+Never stale: the server records the modification times of every ``lrp``/``flows`` source file it
+imported; a request from another checkout, or after a file changed, is refused and the caller
+runs the stage itself (a fresh import), while the server restarts to pick up the new code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ENV = "LRP_STAGE_SERVER"
+PACKAGES = ("flows", "lrp")
+MODULE = "flows.stages.forkserver"  # what `python -m` runs (here __name__ is "__main__")
+
+
+def _send(sock: socket.socket, message: dict, fds: Sequence[int] = ()) -> None:
+    """One JSON line; ``fds`` travel with its first byte (SCM_RIGHTS)."""
+    data = json.dumps(message).encode() + b"\n"
+    if fds:
+        socket.send_fds(sock, [data[:1]], list(fds))
+        data = data[1:]
+    sock.sendall(data)
+
+
+def _recv_request(sock: socket.socket) -> tuple[dict | None, list[int]]:
+    """The caller's one message and its three stream fds (None when it hung up first)."""
+    chunk, fds, _, _ = socket.recv_fds(sock, 65536, 3)
+    buf = chunk
+    while chunk and not buf.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        buf += chunk
+    return (json.loads(buf) if buf.endswith(b"\n") else None), list(fds)
+
+
+# -- the caller's side (stdlib only: it runs before any heavy import) ------------------------------
+
+
+def reachable(path: str) -> bool:
+    """Whether a stage server listens at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def delegate(argv: Sequence[str]) -> int | None:
+    """Run the stage in the server's forked child; its exit status, or None to run it here."""
+    path = os.environ.get(ENV)
+    if not path:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        print(
+            f"stage server {path} not reachable: running the stage in this process", file=sys.stderr
+        )
+        return None
+    with sock, sock.makefile("rb") as replies:
+        request = {
+            "argv": list(argv),
+            "cwd": os.getcwd(),
+            "env": dict(os.environ),
+            "code": str(_code_root()),
+        }
+        _send(sock, request, [0, 1, 2])
+        reply = json.loads(replies.readline() or "null")
+        if reply is None or "pid" not in reply:
+            why = (reply or {}).get("refused", "the server closed the connection")
+            print(f"stage server: {why}; running the stage in this process", file=sys.stderr)
+            return None
+        child = reply["pid"]
+
+        def forward(signum: int, _frame: object) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, forward)
+        done = json.loads(replies.readline() or "null")
+    if done is None:  # the child died without reporting (killed by a signal)
+        print(f"stage process {child} ended without a status", file=sys.stderr)
+        return 1
+    return int(done["exit"])
+
+
+# -- the server's side ----------------------------------------------------------------------------
+
+
+def _code_root() -> Path:
+    """The folder holding the ``flows`` package this process imports."""
+    return Path(__file__).resolve().parents[2]
+
+
+def _sources(root: Path) -> dict[str, int]:
+    """Modification times (ns) of every source file of the packages under ``root``."""
+    return {
+        str(p): p.stat().st_mtime_ns for pkg in PACKAGES for p in sorted((root / pkg).rglob("*.py"))
+    }
+
+
+def _stale(root: Path, snapshot: dict[str, int], code: str) -> str | None:
+    """Why the imported code cannot serve a caller running the code in ``code`` (None if it can)."""
+    if Path(code) != root:
+        return f"it serves the code in {root}, this stage's code is in {code}"
+    now = _sources(root)
+    if now != snapshot:
+        changed = sorted(set(now.items()) ^ set(snapshot.items()))
+        return f"{Path(changed[0][0]).relative_to(root)} changed since the server started"
+    return None
+
+
+def _reload_settings() -> None:
+    """Prefect read its settings and logging config from the server's environment at import."""
+    import prefect.context
+    from prefect.logging.configuration import setup_logging
+
+    prefect.context.refresh_global_settings_context()
+    setup_logging(incremental=False)
+
+
+def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """In the forked child: become the stage process the caller would have been, run, report."""
+    from flows.stages.cli import main
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    os.setpgrp()
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    # the caller's terminal or pipe, line-buffered (the server's own stdout was decided at start)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    _reload_settings()
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit():
+        import torch
+
+        torch.set_num_threads(int(threads))
+    sys.argv = ["python -m flows.stages", *request["argv"]]
+    _send(conn, {"pid": os.getpid()})
+    print(
+        f"stage {' '.join(request['argv'])}: in a fork of the stage server (pid {os.getpid()}, "
+        "imports done once)",
+        file=sys.stderr,
+        flush=True,
+    )
+    code = 1
+    try:
+        code = main(request["argv"])
+    except SystemExit as exc:  # argparse
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            _send(conn, {"exit": code})
+        finally:
+            os._exit(code)
+
+
+def _reap(_signum: int, _frame: object) -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def serve(path: str) -> None:
+    """Import the stack, then fork a child per request until stopped (or stale: restart)."""
+    root = _code_root()
+    snapshot = _sources(root)  # before importing: a file edited meanwhile reads as changed
+    import flows.stages.cli  # noqa: F401  (the point: everything a stage imports, once)
+
+    signal.signal(signal.SIGCHLD, _reap)
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    print(f"stage server: ready at {path} (code in {root})", file=sys.stderr, flush=True)
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            request, fds = _recv_request(conn)
+            if request is None or len(fds) != 3:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            why = _stale(root, snapshot, request["code"])
+            if why is not None:
+                _send(conn, {"refused": why})
+                for fd in fds:
+                    os.close(fd)
+                if Path(request["code"]) != root:
+                    continue  # another checkout: this one's code is still current
+                listener.close()
+                os.unlink(path)
+                print(f"stage server: {why}; restarting", file=sys.stderr, flush=True)
+                os.execv(sys.executable, [sys.executable, "-m", MODULE, path])
+            if os.fork() == 0:
+                listener.close()
+                _child(conn, request, fds)
+            for fd in fds:
+                os.close(fd)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

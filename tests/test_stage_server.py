@@ -1,0 +1,89 @@
+"""The stage server: stages run in forks of one process that imported the stack once, with the
+caller's argv, directory, environment, streams and exit status, and never with stale code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import copy_project, env, stop
+
+from flows.server import wait_ready
+from flows.stages import forkserver
+
+pytestmark = pytest.mark.slow
+FORKED = "in a fork of the stage server"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """A project copy, a stage server started in it, and the environment that reaches it
+    (shared by the tests below, in order: the last one edits the copy's code)."""
+    tmp_path = tmp_path_factory.mktemp("served")
+    root = copy_project(tmp_path / "project")
+    sock = str(tmp_path / "stages.sock")
+    e = env(tmp_path)
+    server = subprocess.Popen(
+        [sys.executable, "-m", forkserver.MODULE, sock],
+        cwd=root,
+        env=e,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert wait_ready(sock, timeout=180), "stage server did not start"
+        yield root, {**e, forkserver.ENV: sock}, sock
+    finally:
+        stop(server)
+
+
+def _stage(root: Path, e: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.stages", *args],
+        cwd=root,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_stage_runs_in_a_fork_with_the_callers_streams_and_status(served) -> None:
+    root, e, _ = served
+    out = _stage(root, e, "train")  # no --model: the stage's own error, exit 2
+    assert out.returncode == 2
+    assert FORKED in out.stderr and "needs --model" in out.stderr
+    missing = _stage(root, e, "train", "--model", "small_resnet", "--params", "nope.yaml")
+    assert missing.returncode == 2 and FORKED in missing.stderr
+    assert "nope.yaml" in missing.stderr  # the params file named, on the caller's stderr
+    (root / "sub").mkdir()
+    elsewhere = _stage(root / "sub", e, "train")  # another directory: not this server's code
+    assert "running the stage in this process" in elsewhere.stderr
+    assert FORKED not in elsewhere.stderr and elsewhere.returncode == 2
+
+
+def test_edited_code_is_never_served_stale(served) -> None:
+    root, e, sock = served
+    helper = root / "flows" / "io.py"
+    helper.write_text(helper.read_text() + "\n# edited\n")
+    first = _stage(root, e, "train")
+    assert "flows/io.py changed since the server started" in first.stderr
+    assert "running the stage in this process" in first.stderr and first.returncode == 2
+    time.sleep(0.5)  # the server re-executes itself with the new code
+    assert wait_ready(sock, timeout=180)
+    again = _stage(root, e, "train")
+    assert FORKED in again.stderr and again.returncode == 2
+
+
+def test_without_a_server_the_stage_runs_here(tmp_path: Path) -> None:
+    root = copy_project(tmp_path / "project")
+    e = {**env(tmp_path), forkserver.ENV: str(tmp_path / "absent.sock")}
+    out = _stage(root, e, "train")
+    assert "not reachable: running the stage in this process" in out.stderr
+    assert out.returncode == 2 and "needs --model" in out.stderr

@@ -15,6 +15,7 @@ runs the stage itself (a fresh import), while the server restarts to pick up the
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -23,6 +24,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 ENV = "LRP_STAGE_SERVER"
 PACKAGES = ("flows", "lrp")
@@ -129,8 +131,13 @@ def _stale(root: Path, snapshot: dict[str, int], code: str) -> str | None:
     return None
 
 
+def _prefect_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith("PREFECT_")}
+
+
 def _reload_settings() -> None:
-    """Prefect read its settings and logging config from the server's environment at import."""
+    """Prefect read its settings and logging config from the server's environment at import
+    (0.4 s: done only when the caller's ``PREFECT_*`` variables differ)."""
     import prefect.context
     from prefect.logging.configuration import setup_logging
 
@@ -138,8 +145,10 @@ def _reload_settings() -> None:
     setup_logging(incremental=False)
 
 
-def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
-    """In the forked child: become the stage process the caller would have been, run, report."""
+def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, str]) -> NoReturn:
+    """In the forked child: become the stage process the caller would have been, run, and exit
+    like it (SystemExit up through the server's frames: Prefect drains its log and event queues
+    at interpreter exit); the status reaches the caller last, once that is done."""
     from flows.stages.cli import main
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
@@ -151,34 +160,37 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     # the caller's terminal or pipe, line-buffered (the server's own stdout was decided at start)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     os.chdir(request["cwd"])
+    prefect_env = _prefect_env(os.environ)
     os.environ.clear()
     os.environ.update(request["env"])
-    _reload_settings()
+    for key, value in added.items():  # what importing the stack sets (defaults, session ids)
+        os.environ.setdefault(key, value)
+    if _prefect_env(os.environ) != prefect_env:
+        _reload_settings()
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit():
         import torch
 
         torch.set_num_threads(int(threads))
     sys.argv = ["python -m flows.stages", *request["argv"]]
-    _send(conn, {"pid": os.getpid()})
-    print(
-        f"stage {' '.join(request['argv'])}: in a fork of the stage server (pid {os.getpid()}, "
-        "imports done once)",
-        file=sys.stderr,
-        flush=True,
-    )
-    code = 1
-    try:
-        code = main(request["argv"])
-    except SystemExit as exc:  # argparse
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
+    reply = conn.dup()  # the server's frames close ``conn`` on the way out
+    status = [1]
+
+    def report() -> None:  # registered first, so it runs after the handlers the stage adds
         sys.stdout.flush()
         sys.stderr.flush()
-        try:
-            _send(conn, {"exit": code})
-        finally:
-            os._exit(code)
+        with contextlib.suppress(OSError):
+            _send(reply, {"exit": status[0]})
+
+    atexit.register(report)
+    _send(reply, {"pid": os.getpid()})
+    print(f"stage {' '.join(request['argv'])}: in a fork of the stage server (pid {os.getpid()}, "
+          "imports done once)", file=sys.stderr, flush=True)
+    try:
+        status[0] = main(request["argv"])
+    except SystemExit as exc:  # argparse
+        status[0] = exc.code if isinstance(exc.code, int) else 1
+    raise SystemExit(status[0])
 
 
 def _reap(_signum: int, _frame: object) -> None:
@@ -195,7 +207,10 @@ def serve(path: str) -> None:
     """Import the stack, then fork a child per request until stopped (or stale: restart)."""
     root = _code_root()
     snapshot = _sources(root)  # before importing: a file edited meanwhile reads as changed
+    before = dict(os.environ)
     import flows.stages.cli  # noqa: F401  (the point: everything a stage imports, once)
+
+    added = {k: v for k, v in os.environ.items() if before.get(k) != v}
 
     signal.signal(signal.SIGCHLD, _reap)
     if os.path.exists(path):
@@ -225,7 +240,7 @@ def serve(path: str) -> None:
                 os.execv(sys.executable, [sys.executable, "-m", MODULE, path])
             if os.fork() == 0:
                 listener.close()
-                _child(conn, request, fds)
+                _child(conn, request, fds, added)
             for fd in fds:
                 os.close(fd)
 

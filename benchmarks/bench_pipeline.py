@@ -1,0 +1,90 @@
+"""Orchestration overhead of the pipeline: a tiny ``dvc repro`` and ``dvc exp run``, with and
+without the stage server, each in a fresh copy of the project (issue 13).
+
+"Overhead outside flows" is the command's wall time not spent inside the stages' Prefect flow runs
+(DVC's own work, process starts, imports); "outside tasks" also counts the flows' own code and
+Prefect's bookkeeping; both as ``python -m flows.server`` prints them. "With servers" adds
+starting and stopping the Prefect and stage servers; "process total" adds importing flows.server.
+
+    python benchmarks/bench_pipeline.py            # both modes, markdown table
+    python benchmarks/bench_pipeline.py --config default --modes stage-server
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from pipeline_helpers import copy_project, env, run, tiny_params, write_params  # noqa: E402
+
+GIT = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
+       "GIT_COMMITTER_EMAIL": "b@b"}
+MODES = {"stage-server": [], "no-stage-server": ["--no-stage-server"]}
+SUMMARY = re.compile(r"Prefect: (\d+) flow runs; flows ran (\d+) s, tasks (\d+) s of (\d+) s wall"
+                     r".*servers (\d+) s")
+
+
+def _project(root: Path, config: str) -> dict[str, str]:
+    """A fresh project copy with its dataset added to DVC; the environment to run it in."""
+    copy_project(root)
+    if config == "tiny":
+        write_params(root / "params.yaml", tiny_params(root))
+    e = env(root, **GIT)
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                ["python", "-m", "flows.stages", "data"], ["dvc", "add", "-q", "data"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        run(cmd, root, e)
+    return e
+
+
+def _timed(cmd: list[str], root: Path, e: dict[str, str]) -> dict[str, float]:
+    start = time.time()
+    out = run(cmd, root, e, timeout=3600)
+    total = time.time() - start
+    found = SUMMARY.search(out)
+    if not found:
+        raise RuntimeError(f"no Prefect summary line in the output of {' '.join(cmd)}:\n{out}")
+    runs, flows, tasks, wall, with_servers = (int(g) for g in found.groups())
+    return {"runs": runs, "flow_s": flows, "task_s": tasks, "wall_s": wall,
+            "servers_s": with_servers, "total_s": total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", choices=("tiny", "default"), default="tiny")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    args = parser.parse_args()
+    rows = []
+    for mode in args.modes:
+        with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+            root = Path(tmp) / "project"
+            e = _project(root, args.config)
+            server = ["python", "-m", "flows.server", *MODES[mode], "--"]
+            rows.append((mode, "dvc repro", _timed([*server, "dvc", "repro"], root, e)))
+            run(["git", "add", "-A"], root, e)
+            run(["git", "commit", "-qm", "repro"], root, e)
+            exp = [*server, "dvc", "exp", "run", "-S", "explain.composite=epsilon"]
+            rows.append((mode, "dvc exp run -S explain.composite=epsilon", _timed(exp, root, e)))
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=False).stdout.strip()
+    print(f"config: {args.config}; code {code}; {time.strftime('%Y-%m-%d')}")
+    print("| mode | command | flow runs | in flows s | in tasks s | command wall s | overhead "
+          "outside flows | outside tasks | with servers s | process total s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for mode, what, r in rows:
+        print(f"| {mode} | `{what}` | {r['runs']} | {r['flow_s']} | {r['task_s']} | "
+              f"{r['wall_s']} | {100 * (1 - r['flow_s'] / r['wall_s']):.0f}% | "
+              f"{100 * (1 - r['task_s'] / r['wall_s']):.0f}% | {r['servers_s']} | "
+              f"{r['total_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

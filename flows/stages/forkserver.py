@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
+import importlib
 import json
 import os
 import signal
@@ -28,6 +30,9 @@ from typing import NoReturn
 
 ENV = "LRP_STAGE_SERVER"
 PACKAGES = ("flows", "lrp")
+# what Prefect imports lazily on a process's first flow run (each child would repeat it)
+WARM = ("prefect.engine", "prefect.flow_engine", "prefect.utilities.visualization",
+        "anyio._backends._asyncio")
 MODULE = "flows.stages.forkserver"  # what `python -m` runs (here __name__ is "__main__")
 
 
@@ -210,7 +215,10 @@ def serve(path: str) -> None:
     before = dict(os.environ)
     import flows.stages.cli  # noqa: F401  (the point: everything a stage imports, once)
 
+    for name in WARM:
+        importlib.import_module(name)
     added = {k: v for k, v in os.environ.items() if before.get(k) != v}
+    gc.freeze()  # children's collections then leave the server's objects (and pages) alone
 
     signal.signal(signal.SIGCHLD, _reap)
     if os.path.exists(path):

@@ -104,39 +104,56 @@ def merge_shares(
     return shares
 
 
+def _signed(terms: Sequence[Tensor], coefficients: Sequence[float]) -> list[Tensor]:
+    return [t if c == 1 else t * c for t, c in zip(terms, coefficients, strict=True)]
+
+
+def _shares_need_values(merge: ResidualMerge) -> bool:
+    """Whether the merge's shares depend on the term values (ratio or signed shares)."""
+    mode, zero = _effective(merge.mode, merge.identity)
+    return mode == "proportional" or (mode == "splitting" and zero.count(False) > 1)
+
+
 class _MergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, merge: ResidualMerge, *terms: Tensor) -> Tensor:
-        signed = [t if c == 1 else t * c for t, c in zip(terms, merge.coefficients, strict=True)]
+        signed = _signed(terms, merge.coefficients)
         out = signed[0]
         for t in signed[1:]:
             out = out + t
-        shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
         ctx.merge = merge
         ctx.shapes = [t.shape for t in terms]
-        ctx.kinds = None if shares is None else [
-            "t" if isinstance(s, Tensor) else s for s in shares
-        ]
-        ctx.save_for_backward(*[s for s in (shares or []) if isinstance(s, Tensor)])
+        ctx.shares = None
+        # value-dependent shares are recomputed in the backward from the terms, which their
+        # producers mostly keep anyway (a layer's input or output), instead of storing a new
+        # term-sized tensor per share; constant shares (or None: gradient) are kept as they are
+        ctx.recompute = _shares_need_values(merge)
+        if ctx.recompute:
+            ctx.save_for_backward(*terms)
+        else:
+            ctx.shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
         return out
 
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:
         merge = ctx.merge
-        if ctx.kinds is None:  # gradient: the plain chain rule
+        shares = ctx.shares
+        if ctx.recompute:  # the same ops on the same terms as a forward-time computation
+            signed = _signed(ctx.saved_tensors, merge.coefficients)
+            shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
+        if shares is None:  # gradient: the plain chain rule
             grads = [relevance if c == 1 else relevance * c for c in merge.coefficients]
         else:
-            saved = iter(ctx.saved_tensors)
             grads = []
             rest = None
-            for kind in ctx.kinds:
-                if kind == "t":
-                    grads.append(relevance * next(saved))
-                elif kind is None:
+            for share in shares:
+                if isinstance(share, Tensor):
+                    grads.append(relevance * share)
+                elif share is None:
                     grads.append(None)
                     rest = len(grads) - 1
                 else:
-                    grads.append(relevance * kind if kind else torch.zeros_like(relevance))
+                    grads.append(relevance * share if share else torch.zeros_like(relevance))
             if rest is not None:
                 taken = [g for g in grads if g is not None]
                 r = relevance.clone()

@@ -108,10 +108,27 @@ def _signed(terms: Sequence[Tensor], coefficients: Sequence[float]) -> list[Tens
     return [t if c == 1 else t * c for t, c in zip(terms, coefficients, strict=True)]
 
 
-def _shares_need_values(merge: ResidualMerge) -> bool:
-    """Whether the merge's shares depend on the term values (ratio or signed shares)."""
+def _recompute_shares(merge: ResidualMerge) -> bool:
+    """Whether the backward recomputes the value-dependent shares from the terms (kept) instead
+    of keeping the shares: where the terms cost no more to keep than the shares.
+
+    An identity skip is the input of its branch's first layer, which keeps it anyway (every rule
+    keeps its input), so keeping the terms costs the other terms only. In a transformer those
+    are kept too (the epsilon rule keeps a Linear's output), which makes the saving; a ResNet
+    merge keeps one tensor either way, a projection merge its one share (not two terms).
+    """
     mode, zero = _effective(merge.mode, merge.identity)
-    return mode == "proportional" or (mode == "splitting" and zero.count(False) > 1)
+    live = zero.count(False)
+    if mode == "proportional":
+        shares = len(zero)
+    elif mode == "splitting" and live > 1:
+        shares = live - 1
+    else:
+        return False  # constant shares (or the gradient)
+    return merge.identity.count(False) <= shares
+
+
+_SAVED = "saved"  # stands for a share tensor in ctx.save_for_backward
 
 
 class _MergeFunction(torch.autograd.Function):
@@ -123,24 +140,28 @@ class _MergeFunction(torch.autograd.Function):
             out = out + t
         ctx.merge = merge
         ctx.shapes = [t.shape for t in terms]
-        ctx.shares = None
-        # value-dependent shares are recomputed in the backward from the terms, which their
-        # producers mostly keep anyway (a layer's input or output), instead of storing a new
-        # term-sized tensor per share; constant shares (or None: gradient) are kept as they are
-        ctx.recompute = _shares_need_values(merge)
+        ctx.recompute = _recompute_shares(merge)
         if ctx.recompute:
             ctx.save_for_backward(*terms)
-        else:
-            ctx.shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
+            return out
+        shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
+        ctx.shares = (
+            None if shares is None else [_SAVED if isinstance(s, Tensor) else s for s in shares]
+        )
+        ctx.save_for_backward(*[s for s in (shares or []) if isinstance(s, Tensor)])
         return out
 
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:
         merge = ctx.merge
-        shares = ctx.shares
-        if ctx.recompute:  # the same ops on the same terms as a forward-time computation
+        if ctx.recompute:  # the same ops on the same terms as in a forward-time computation
             signed = _signed(ctx.saved_tensors, merge.coefficients)
             shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
+        elif ctx.shares is None:
+            shares = None
+        else:
+            saved = iter(ctx.saved_tensors)
+            shares = [next(saved) if s is _SAVED else s for s in ctx.shares]
         if shares is None:  # gradient: the plain chain rule
             grads = [relevance if c == 1 else relevance * c for c in merge.coefficients]
         else:

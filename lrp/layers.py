@@ -86,13 +86,27 @@ class _LinearRuleFunction(torch.autograd.Function):
         params = layer.rule_params(weight)
         saved = layer.rule.forward(layer, params, x, output)
         ctx.layer = layer
-        ctx.save_for_backward(x, *saved)
+        # a rule may keep the output itself (no output-sized copy): it is held detached with its
+        # version, so that an in-place consumer (a ReLU the engine runs in place) is noticed and
+        # the backward recomputes the output instead of failing or reading the changed values
+        ctx.keep = [t is output for t in saved]
+        ctx.output = output.detach() if any(ctx.keep) else None
+        ctx.output_version = output._version
+        ctx.save_for_backward(x, *(t for t, k in zip(saved, ctx.keep, strict=True) if not k))
         return output
 
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
-        x, *saved = ctx.saved_tensors
+        x, *rest = ctx.saved_tensors
         layer = ctx.layer
+        saved = rest
+        if any(ctx.keep):
+            output = ctx.output
+            ctx.output = None  # the graph outlives this call: release the output now
+            if output is None or output._version != ctx.output_version:
+                output = layer.op(x, layer.folded_weight(), layer.bias)
+            it = iter(rest)
+            saved = [output if k else next(it) for k in ctx.keep]
         return layer.rule.backward(layer, layer.rule_params(), x, saved, relevance), None
 
 

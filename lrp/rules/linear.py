@@ -1,7 +1,8 @@
 """Rules for Linear and ConvNd layers (Montavon et al. 2019, Kohlbrenner et al. 2020).
 
-Every rule here is a modified gradient: the forward stores the denominators the rule needs, the
-backward applies the transposed operator once per contribution term. ``layer`` is a
+Every rule here is a modified gradient: the forward stores the denominators the rule needs (or
+the layer's output itself where that is the denominator, see ``Epsilon``), the backward applies
+the transposed operator once per contribution term. ``layer`` is a
 :class:`lrp.layers.LinearRuleLayer` (its ``op``, ``linear``/``linear_transpose`` with the true
 weights, ``input_nonnegative`` and ``cache``); ``p`` holds the modified weights that
 :meth:`LinearRule.prepare` made from the BatchNorm-folded weight.
@@ -33,8 +34,8 @@ def _neg(t: Tensor | None) -> Tensor | None:
 
 
 class LinearRule(Rule):
-    """Base class: ``prepare`` modified weights, ``forward`` saves denominators, ``backward``
-    returns R_in."""
+    """Base class: ``prepare`` modified weights, ``forward`` saves denominators (a returned
+    tensor that *is* the output is kept without a copy), ``backward`` returns R_in."""
 
     def prepare(
         self, weight: Tensor, bias: Tensor | None, input_nonnegative: bool, private: bool = False
@@ -82,13 +83,39 @@ class Epsilon(LinearRule):
         self.zero_bias = zero_bias
         self.empty = empty
 
+    def _source(self, layer: LinearRuleLayer) -> str:
+        """Where the backward gets the denominator of a layer whose denominator is its output.
+
+        ``"den"``: the forward stores ``stab(z)`` (convolutions, whose output usually feeds a
+        ReLU the engine runs in place; and ``zero_bias``, whose denominator is not the output).
+        For Linear layers no copy is stored: ``"output"``: the output itself is kept, which in a
+        transformer its consumer mostly keeps anyway (q, k and v by the attention);
+        ``"recompute"``: an output wider than the input (a transformer MLP's expansion) is
+        recomputed from the input, which the rule keeps anyway: one more matmul in the
+        backward instead of out/in times the input's memory.
+        """
+        if layer.op.kind != "linear" or (self.zero_bias and layer.bias is not None):
+            return "den"
+        out_features, in_features = layer.weight.shape
+        return "output" if out_features <= in_features else "recompute"
+
     def forward(self, layer, p, x, z):
+        source = self._source(layer)
+        if source == "output":
+            return (z,)
+        if source == "recompute":
+            return ()
         if self.zero_bias and layer.bias is not None:
             z = layer.linear(x)
         return (stabilize(z, self.epsilon),)
 
     def backward(self, layer, p, x, saved, relevance):
-        (den,) = saved  # private to this layer and used once: divide into its storage
+        source = self._source(layer)
+        if source == "den":
+            (den,) = saved  # private to this layer and used once: divide into its storage
+        else:  # a new tensor: the kept output stays untouched
+            z = saved[0] if source == "output" else layer.op(x, layer.folded_weight(), layer.bias)
+            den = stabilize(z, self.epsilon)
         flat = None
         if self.empty == "flat":  # stabilize() maps an exact 0 to +eps (or inf for eps = 0)
             empty = den == (self.epsilon if self.epsilon > 0 else float("inf"))

@@ -104,39 +104,77 @@ def merge_shares(
     return shares
 
 
+def _signed(terms: Sequence[Tensor], coefficients: Sequence[float]) -> list[Tensor]:
+    return [t if c == 1 else t * c for t, c in zip(terms, coefficients, strict=True)]
+
+
+def _recompute_shares(merge: ResidualMerge) -> bool:
+    """Whether the backward recomputes the value-dependent shares from the terms (kept) instead
+    of keeping the shares: where the terms cost no more to keep than the shares.
+
+    An identity skip is the input of its branch's first layer, which keeps it anyway (every rule
+    keeps its input), so keeping the terms costs the other terms only. In a transformer those
+    are kept too (the epsilon rule keeps a Linear's output), which makes the saving; a ResNet
+    merge keeps one tensor either way, a projection merge its one share (not two terms).
+    """
+    mode, zero = _effective(merge.mode, merge.identity)
+    live = zero.count(False)
+    if mode == "proportional":
+        shares = len(zero)
+    elif mode == "splitting" and live > 1:
+        shares = live - 1
+    else:
+        return False  # constant shares (or the gradient)
+    return merge.identity.count(False) <= shares
+
+
+_SAVED = "saved"  # stands for a share tensor in ctx.save_for_backward
+
+
 class _MergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, merge: ResidualMerge, *terms: Tensor) -> Tensor:
-        signed = [t if c == 1 else t * c for t, c in zip(terms, merge.coefficients, strict=True)]
+        signed = _signed(terms, merge.coefficients)
         out = signed[0]
         for t in signed[1:]:
             out = out + t
-        shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
         ctx.merge = merge
         ctx.shapes = [t.shape for t in terms]
-        ctx.kinds = None if shares is None else [
-            "t" if isinstance(s, Tensor) else s for s in shares
-        ]
+        ctx.recompute = _recompute_shares(merge)
+        if ctx.recompute:
+            ctx.save_for_backward(*terms)
+            return out
+        shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
+        ctx.shares = (
+            None if shares is None else [_SAVED if isinstance(s, Tensor) else s for s in shares]
+        )
         ctx.save_for_backward(*[s for s in (shares or []) if isinstance(s, Tensor)])
         return out
 
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:
         merge = ctx.merge
-        if ctx.kinds is None:  # gradient: the plain chain rule
-            grads = [relevance if c == 1 else relevance * c for c in merge.coefficients]
+        if ctx.recompute:  # the same ops on the same terms as in a forward-time computation
+            signed = _signed(ctx.saved_tensors, merge.coefficients)
+            shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
+        elif ctx.shares is None:
+            shares = None
         else:
             saved = iter(ctx.saved_tensors)
+            shares = [next(saved) if s is _SAVED else s for s in ctx.shares]
+        if shares is None:  # gradient: the plain chain rule
+            grads = [relevance if c == 1 else relevance * c for c in merge.coefficients]
+        else:
             grads = []
             rest = None
-            for kind in ctx.kinds:
-                if kind == "t":
-                    grads.append(relevance * next(saved))
-                elif kind is None:
+            for share in shares:
+                if isinstance(share, Tensor):
+                    grads.append(relevance * share)
+                elif share is None:
                     grads.append(None)
                     rest = len(grads) - 1
                 else:
-                    grads.append(relevance * kind if kind else torch.zeros_like(relevance))
+                    grads.append(relevance * share if share else torch.zeros_like(relevance))
             if rest is not None:
                 taken = [g for g in grads if g is not None]
                 r = relevance.clone()

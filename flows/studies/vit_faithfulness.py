@@ -103,15 +103,17 @@ def train_vit(ctx: Context, args: argparse.Namespace) -> tuple[nn.Module, dict[s
         patience=args.epochs,
         device="cpu",
         seed=args.seed,
-        progress=False,
+        progress=True,
         augment=True,
         schedule="cosine",
+        optimizer=args.optimizer,
     )
     save_trained(result.model, ARCH, Path(args.save))
     record = {
         "train_images": len(train_ds),
         "val_images": len(val_ds),
         "epochs": args.epochs,
+        "optimizer": args.optimizer,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "batch_size": args.batch_size,
@@ -202,13 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--train-per-class",
         type=int,
-        default=None,
-        help="render this many images per class for training (default: the "
-        "pipeline's data.per_class)",
+        default=400,
+        help="render this many images per class for training (the pipeline's data.per_class "
+        "or less: its own train split)",
     )
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=None, help="cap the test images")

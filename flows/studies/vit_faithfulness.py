@@ -32,7 +32,7 @@ from flows.context import Context, data_root, engine_options, load_context
 from flows.context import dataset as load_dataset
 from flows.data import ImageDataset, collate, make_synthetic_dataset
 from flows.io import write_json
-from flows.methods import make_attributor, parse_method
+from flows.methods import Method, make_attributor, parse_method
 from flows.models import build_model, load_trained, save_trained
 from flows.stages.evaluate import EvalSettings, evaluate_piece, merge_pieces
 from flows.stages.report import markdown_table
@@ -172,7 +172,8 @@ def run_study(ctx: Context, model: nn.Module, args: argparse.Namespace) -> dict[
         infos[label] = arrays
         seconds[label] = time.perf_counter() - start
         print(f"{label}: {seconds[label]:.0f} s", file=sys.stderr, flush=True)
-    summary = merge_pieces(pieces, infos, test, settings).summary
+    merged = merge_pieces(pieces, infos, test, settings)
+    summary = merged.summary
     _, accuracy = evaluate_accuracy(
         model, DataLoader(test, batch_size=64, collate_fn=collate), torch.device("cpu")
     )
@@ -182,7 +183,33 @@ def run_study(ctx: Context, model: nn.Module, args: argparse.Namespace) -> dict[
         "test_accuracy": accuracy,
         "steps": args.steps,
         "seconds": seconds,
+        "paired": paired_differences(merged.rows, [parse_method(m) for m in args.methods]),
     }
+
+
+def paired_differences(rows: list[dict[str, Any]], methods: Sequence[Method]) -> list[dict]:
+    """attnlrp minus cp per image (same residual rule): mean and standard error of ID and mass.
+
+    The two modes explain the same images, so the per-image difference is what says whether a
+    gap in the table is larger than its noise.
+    """
+    by_label: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        by_label.setdefault(r["method"], {})[r["index"]] = r
+    out = []
+    for m in methods:
+        if not m.composite or m.options.get("attention") != "cp":
+            continue
+        other = Method(m.name, {**m.options, "attention": "attnlrp"})
+        if other.label not in by_label:
+            continue
+        a, b = by_label[m.label], by_label[other.label]
+        entry: dict[str, Any] = {"cp": m.label, "attnlrp": other.label}
+        for key in ("id", "relevance_mass"):
+            d = np.array([float(b[i][key]) - float(a[i][key]) for i in sorted(a)])
+            entry[key] = {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+        out.append(entry)
+    return out
 
 
 def table(summary: dict[str, Any], methods: Sequence[str]) -> str:
@@ -231,6 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"test images; training {training}"
     )
     print(table(result["summary"], args.methods))
+    for p in result["paired"]:
+        print(
+            f"{p['attnlrp']} - {p['cp']}, per image: ID {p['id']['mean']:+.4f} "
+            f"(SE {p['id']['se']:.4f}), relevance mass {p['relevance_mass']['mean']:+.4f} "
+            f"(SE {p['relevance_mass']['se']:.4f})"
+        )
     return 0
 
 

@@ -2,7 +2,8 @@
 
 The fast tests check what the stages rely on (params validation, the image side, the trained
 file's round trip, the train stage's explainability check with transformer methods); the slow one
-runs ``dvc repro`` on the tiny config like tests/test_pipeline_mobilenet.py.
+runs ``dvc repro`` on the tiny config like tests/test_pipeline_mobilenet.py (458 s on the
+shared 2-core development machine, hence slow).
 """
 
 from __future__ import annotations

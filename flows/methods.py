@@ -1,7 +1,7 @@
 """Which attribution methods a run compares, and one call shape for all of them.
 
 The one place that decides whether a name is an LRP composite (``lrp.composites.names()``) or a
-baseline (``lrp.baselines.BASELINES``), parses method specs such as ``otsuki2024:residual=gradient``
+baseline (``lrp.baselines.BASELINES``, ``ATTENTION_BASELINES``), parses method specs such as ``otsuki2024:residual=gradient``
 and adapts both kinds to ``(x, target) -> dict(relevance, logits, target, initial, conservation)``.
 """
 
@@ -32,7 +32,7 @@ def composite_names() -> list[str]:
 
 
 def baseline_names() -> list[str]:
-    return list(baselines.BASELINES)
+    return [*baselines.BASELINES, *baselines.ATTENTION_BASELINES]
 
 
 def is_composite(name: str) -> bool:

@@ -6,6 +6,7 @@ so that the engine's rules recognise every layer.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ def small_resnet(num_classes: int) -> ResNet:
     return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
 
 
-PROJECT_MODELS = ("small_resnet", "lrn_cnn", "caffenet")
+PROJECT_MODELS = ("small_resnet", "lrn_cnn", "caffenet", "small_vit")
+VIT_PATCH = 8  # small_vit's patch size: the image side must be a multiple of it
 
 
 def check_name(name: str) -> None:
@@ -51,13 +53,15 @@ def build_model(
     *,
     weights: str | None = None,
     checkpoint: Path | None = None,
+    image_size: int | None = None,
 ) -> nn.Module:
     """Build ``name`` with a ``num_classes`` head, then load ``checkpoint`` if given.
 
     ``weights`` ("DEFAULT", "IMAGENET1K_V1", ...) applies to torchvision models only and downloads
     on first use (users only: tests and the default pipeline never pass it). ``checkpoint`` is a
     state_dict, a training checkpoint from :func:`flows.training.train_model` (``{"model": ...}``)
-    or a pickled ``nn.Module``.
+    or a pickled ``nn.Module``. ``image_size`` matters only for ``small_vit``, whose position
+    embedding fixes the input side (None: 64, or the side a checkpoint was trained at).
     """
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}")
@@ -72,7 +76,9 @@ def build_model(
                 f"{checkpoint}: trained as {recorded!r}, not {name!r}; pass {recorded!r} "
                 "(or leave the architecture out: it is read from the file)"
             )
-        model = _build(name, num_classes, weights=None)
+        if name == "small_vit" and image_size is None:
+            image_size = _vit_image_size(loaded, Path(checkpoint))
+        model = _build(name, num_classes, weights=None, image_size=image_size)
         try:
             model.load_state_dict(loaded)
         except RuntimeError as exc:
@@ -82,10 +88,12 @@ def build_model(
                 "it was trained as"
             ) from None
         return model
-    return _build(name, num_classes, weights=weights)
+    return _build(name, num_classes, weights=weights, image_size=image_size)
 
 
-def _build(name: str, num_classes: int, *, weights: str | None) -> nn.Module:
+def _build(
+    name: str, num_classes: int, *, weights: str | None, image_size: int | None = None
+) -> nn.Module:
     if name == "small_resnet":
         if weights is not None:
             raise ModelError("model 'small_resnet' has no pretrained weights; use weights=None")
@@ -96,6 +104,16 @@ def _build(name: str, num_classes: int, *, weights: str | None) -> nn.Module:
         if name == "lrn_cnn":
             return lrp_models.lrn_cnn(num_classes, in_channels=3)
         return lrp_models.caffenet(num_classes)
+    if name == "small_vit":
+        if weights is not None:
+            raise ModelError("model 'small_vit' has no pretrained weights; use weights=None")
+        side = 64 if image_size is None else int(image_size)
+        if side < VIT_PATCH or side % VIT_PATCH:
+            raise ModelError(
+                f"model 'small_vit': image size {side} must be a positive multiple of its patch "
+                f"size {VIT_PATCH} (params key data.image_size)"
+            )
+        return lrp_models.small_vit(num_classes, image_size=side, patch_size=VIT_PATCH)
     check_name(name)
     if weights is None:
         return tvm.get_model(name, weights=None, num_classes=num_classes)
@@ -105,6 +123,16 @@ def _build(name: str, num_classes: int, *, weights: str | None) -> nn.Module:
         raise ModelError(f"model {name!r}: unknown weights {weights!r} ({exc})") from exc
     _replace_head(model, num_classes)
     return model
+
+
+def _vit_image_size(state: dict[str, Any], path: Path) -> int:
+    """The input side a small_vit state_dict was trained at, from its position embedding."""
+    pos = state.get("encoder.pos_embedding")
+    tokens = int(pos.shape[1]) - 1 if isinstance(pos, torch.Tensor) and pos.dim() == 3 else -1
+    grid = math.isqrt(max(tokens, 0))
+    if tokens < 1 or grid * grid != tokens:
+        raise ModelError(f"{path}: not a small_vit state_dict (no square encoder.pos_embedding)")
+    return grid * VIT_PATCH
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:

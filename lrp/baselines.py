@@ -2,7 +2,8 @@
 
 ``attribute(model, x, target, method=...)`` returns (N, C, H, W) relevance for every method, so the
 metrics and the table treat them alike. Gradient methods come from Captum, CAM methods from
-``pytorch_grad_cam`` (optional dependencies, imported on first use), LRP from ``lrp.Explainer``.
+``pytorch_grad_cam`` (optional dependencies, imported on first use), LRP from ``lrp.Explainer``,
+attention rollout (transformers with ``nn.MultiheadAttention``) from this module.
 The caller's model is never modified: hooks are removed, the training flags, ``requires_grad``
 flags and ``.grad`` of parameters are restored, and methods that need a changed model (guided
 backprop with in-place ReLUs) run on a deep copy.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +37,8 @@ BASELINES = (
     "score-cam",
     "random",
 )
+# Baselines that need a transformer: ``nn.MultiheadAttention`` layers and a class token.
+ATTENTION_BASELINES = ("attention-rollout",)
 
 
 def lrp_methods() -> list[str]:
@@ -48,7 +53,7 @@ def lrp_methods() -> list[str]:
 
 def methods() -> list[str]:
     """Every name :func:`attribute` accepts: the baselines, then the engine's composites."""
-    return [*BASELINES, *lrp_methods()]
+    return [*BASELINES, *ATTENTION_BASELINES, *lrp_methods()]
 
 
 def attribute(
@@ -65,7 +70,7 @@ def attribute(
     ``output=``, ``epsilon=`` ...); ``integrated-gradients``: ``n_steps`` (50),
     ``internal_batch_size``; ``grad-cam`` / ``score-cam``: ``target_layer`` (module or dotted
     path; default the last 4-D feature map before global pooling), ``batch_size`` (score-cam);
-    ``random``: ``seed`` (0).
+    ``random``: ``seed`` (0). ``attention-rollout`` takes no options and ignores ``target``.
     """
     return make_attributor(model, method, **options)(x, target)
 
@@ -313,6 +318,97 @@ def _cam(model: nn.Module, kind: str, **options: Any) -> Attributor:
     return run
 
 
+# ----------------------------------------------------------------------------- attention rollout
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def attention_maps(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Head-averaged attention weights (N, T, T) of every ``nn.MultiheadAttention``, in call order.
+
+    Each call is switched to ``need_weights=True, average_attn_weights=True`` by a pre-hook and its
+    weights are returned to the caller as None again, so the model's output does not change
+    beyond the explicit-versus-fused attention path (float rounding).
+    """
+    maps: list[Tensor] = []
+    handles = []
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
+        call = dict(bound.arguments)
+        call.pop("self")
+        module._lrp_rollout_wanted = call.get("need_weights", True)  # type: ignore[assignment]
+        call.update(need_weights=True, average_attn_weights=True)
+        return (), call
+
+    def post(module: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> Any:
+        maps.append(out[1].detach())
+        wanted = module.__dict__.pop("_lrp_rollout_wanted", True)
+        return out if wanted else (out[0], None)
+
+    layers = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not layers:
+        raise InvalidInputError(
+            f"attention-rollout: {type(model).__name__} has no nn.MultiheadAttention layer "
+            "(supported: torchvision VisionTransformer and models built from that module)"
+        )
+    try:
+        for m in layers:
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True))
+        with torch.no_grad(), _untouched(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in layers:
+            m.__dict__.pop("_lrp_rollout_wanted", None)
+    return maps
+
+
+def attention_rollout(maps: list[Tensor]) -> Tensor:
+    """Abnar & Zuidema 2020: (N, T) class-token row of prod_l norm(A_l / 2 + I / 2), last first.
+
+    The identity half stands for the residual connection around each attention layer; rows are
+    renormalised to sum to one. Token 0 is taken to be the class token.
+    """
+    if not maps:
+        raise InvalidInputError("attention-rollout: no attention maps")
+    n, t, _ = maps[0].shape
+    eye = torch.eye(t, dtype=maps[0].dtype, device=maps[0].device).expand(n, t, t)
+    rollout = eye
+    for i, a in enumerate(maps):
+        if tuple(a.shape) != (n, t, t):
+            raise InvalidInputError(
+                f"attention-rollout: attention layer {i} has weights {tuple(a.shape)}, expected "
+                f"{(n, t, t)} (self-attention over one token sequence)"
+            )
+        a = 0.5 * a + 0.5 * eye
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout[:, 0]
+
+
+def _rollout(model: nn.Module, **options: Any) -> Attributor:
+    if options:
+        raise InvalidInputError(f"method 'attention-rollout': unknown options {sorted(options)}")
+
+    def run(x: Tensor, target: Tensor | int | None) -> Tensor:
+        _check_x(x)
+        del target  # rollout is class-agnostic
+        x = x.to(_device(model, x))
+        row = attention_rollout(attention_maps(model, x))[:, 1:]
+        side = math.isqrt(row.shape[1])
+        if side * side != row.shape[1]:
+            raise InvalidInputError(
+                f"attention-rollout: {row.shape[1]} tokens after the class token do not form a "
+                "square patch grid"
+            )
+        return _broadcast_map(row.reshape(-1, side, side), x)
+
+    return run
+
+
 # ----------------------------------------------------------------------------- random
 
 
@@ -338,4 +434,5 @@ _FACTORIES: dict[str, Callable[..., Attributor]] = {
     "grad-cam": lambda m, **o: _cam(m, "grad-cam", **o),
     "score-cam": lambda m, **o: _cam(m, "score-cam", **o),
     "random": _random,
+    "attention-rollout": _rollout,
 }

@@ -210,3 +210,81 @@ def test_lrp_residual_option_on_resnet() -> None:
     for residual in ("splitting", "gradient"):
         r = attribute(model, x, target=0, method="epsilon-plus-flat", residual=residual)
         assert r.shape == x.shape and torch.isfinite(r).all()
+
+
+def test_attention_rollout_by_hand() -> None:
+    """Two layers, two tokens: norm(A/2 + I/2) per layer, then their product, computed by hand.
+
+    A1 = [[.8, .2], [.4, .6]] -> [[.9, .1], [.2, .8]]; A2 = [[.2, .8], [1, 0]] -> [[.6, .4],
+    [.5, .5]]; class-token row of A2' A1' = [.6*.9 + .4*.2, .6*.1 + .4*.8] = [.62, .38].
+    """
+    from lrp.baselines import attention_rollout
+
+    a1 = torch.tensor([[[0.8, 0.2], [0.4, 0.6]]], dtype=torch.float64)
+    a2 = torch.tensor([[[0.2, 0.8], [1.0, 0.0]]], dtype=torch.float64)
+    row = attention_rollout([a1, a2])
+    assert torch.allclose(row, torch.tensor([[0.62, 0.38]], dtype=torch.float64), atol=1e-15)
+
+
+def _tiny_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        16, 8, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=3
+    )
+    with torch.no_grad():
+        for p in model.parameters():  # torchvision zero-initialises the head and some biases
+            p.add_(0.3 * torch.randn_like(p))
+    return model.double().eval()
+
+
+def test_attention_rollout_matches_attention_recomputed_by_hand() -> None:
+    """Each layer's softmax(q k^T / sqrt(d)) from its LayerNorm output and in-projection, head
+    mean, then the rollout with explicit loops; the map is that row upsampled, C-th per channel."""
+    import torch.nn.functional as F
+
+    model = _tiny_vit()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    layers = list(model.encoder.layers)
+    inputs: list[Tensor] = []
+    handles = [blk.ln_1.register_forward_hook(lambda _m, _i, o: inputs.append(o)) for blk in layers]
+    with torch.no_grad():
+        before = model(x)
+    for h in handles:
+        h.remove()
+    expected = []
+    for n in range(2):
+        rollout = torch.eye(5, dtype=torch.float64)
+        for blk, h in zip(layers, inputs, strict=True):
+            mha = blk.self_attention
+            q, k, _ = (h[n] @ mha.in_proj_weight.T + mha.in_proj_bias).chunk(3, dim=-1)
+            heads = []
+            for i in range(2):
+                qh, kh = q[:, 4 * i : 4 * i + 4], k[:, 4 * i : 4 * i + 4]
+                heads.append(torch.softmax(qh @ kh.T / 2.0, dim=-1))
+            a = 0.5 * (heads[0] + heads[1]) / 2 + 0.5 * torch.eye(5, dtype=torch.float64)
+            a = a / a.sum(1, keepdim=True)
+            rollout = a @ rollout
+        expected.append(rollout[0, 1:])
+    expected_map = F.interpolate(
+        torch.stack(expected).reshape(2, 1, 2, 2),
+        size=(16, 16),
+        mode="bilinear",
+        align_corners=False,
+    )[:, 0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    r = attribute(model, x, target=1, method="attention-rollout")
+    assert r.shape == x.shape
+    assert torch.allclose(r.sum(1), expected_map, atol=1e-12)
+    assert torch.allclose(r[:, 0], r[:, 2])
+    assert hook_count(model) == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-12)
+
+
+def test_attention_rollout_refuses_a_cnn() -> None:
+    with pytest.raises(InvalidInputError, match=r"no nn\.MultiheadAttention"):
+        attribute(tiny(), images(), method="attention-rollout")

@@ -105,3 +105,25 @@ def test_train_resume_equals_uninterrupted(splits, tmp_path: Path) -> None:
             **{**SETTINGS, "lr": 0.5},
             checkpoint_dir=tmp_path / "r",
         )
+
+
+def test_adamw_option_and_resume_only_with_the_same_optimizer(splits, tmp_path: Path) -> None:
+    """The saved optimizer state is AdamW's; an SGD run refuses to resume it, naming the key."""
+    train_ds, val_ds = splits
+    settings = {**SETTINGS, "lr": 1e-3, "weight_decay": 0.05}
+    train_model(
+        _model(),
+        train_ds,
+        val_ds,
+        epochs=1,
+        **settings,
+        optimizer="adamw",
+        checkpoint_dir=tmp_path / "a",
+    )
+    last = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert last["config"]["optimizer"] == "adamw"
+    assert all("exp_avg" in s for s in last["optimizer"]["state"].values())
+    with pytest.raises(TrainingError, match=r"different settings \(optimizer\)"):
+        train_model(_model(), train_ds, val_ds, epochs=2, **settings, checkpoint_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adamw'"):
+        train_model(_model(), train_ds, val_ds, epochs=1, **SETTINGS, optimizer="adam")

@@ -57,7 +57,8 @@ def train_task(ctx: Context, arch: str) -> dict[str, Any]:
     train_ds = load_dataset(ctx, "train", p.runtime.subset)
     val_ds = load_dataset(ctx, "val", p.runtime.subset)
     ckpt = resolve(p.model.checkpoint, ctx.base) if p.model.checkpoint else None
-    model = build_model(arch, len(train_ds.classes), weights=p.model.weights, checkpoint=ckpt)
+    model = build_model(arch, len(train_ds.classes), weights=p.model.weights, checkpoint=ckpt,
+                        image_size=p.data.image_size)
     check_explainable(ctx, model, tuple(train_ds[0]["image"].shape))
     shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]  # architecture edits
     fp = fingerprint(

@@ -1089,7 +1089,11 @@ def _private_output(module: nn.Module) -> bool:
     """Whether a module's output tensor is new and kept by no autograd node of the engine."""
     if isinstance(module, LinearRuleLayer | ResidualMerge):
         return True  # their Functions save inputs and ratios, never their outputs
-    return isinstance(module, ModuleRuleLayer) and type(module.rule) is Pass
+    if not isinstance(module, ModuleRuleLayer):
+        return False
+    # a stand-alone BatchNorm (DenseNet) makes a new tensor; its rule keeps only the input
+    bn_unkept = isinstance(module.module, BATCHNORM_TYPES) and not module.rule.uses_output
+    return type(module.rule) is Pass or bn_unkept
 
 
 def _shape_query(node: fx.Node) -> bool:

@@ -22,7 +22,8 @@ class _ModuleRuleFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, layer: ModuleRuleLayer) -> Tensor:
         output = layer.module(x)
         ctx.layer = layer
-        ctx.save_for_backward(x, output)
+        # an output the rule does not read is not kept (an activation-sized tensor less)
+        ctx.save_for_backward(x, output if layer.rule.uses_output else None)
         return output
 
     @staticmethod

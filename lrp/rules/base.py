@@ -34,8 +34,12 @@ class Rule:
 class ModuleRule(Rule):
     """Rule for a module without weights: output = module(x); relevance computed from (x, output).
 
-    Subclasses implement :meth:`relevance`. It must be vectorised over the batch.
+    Subclasses implement :meth:`relevance`. It must be vectorised over the batch. A rule that
+    never reads ``output`` sets ``uses_output = False``: the output is then not kept for the
+    backward (it receives None), so a ReLU after it may overwrite it in place.
     """
+
+    uses_output: bool = True
 
     def relevance(self, module: nn.Module, x: Tensor, output: Tensor, relevance: Tensor) -> Tensor:
         raise NotImplementedError

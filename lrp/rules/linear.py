@@ -185,15 +185,20 @@ class Gamma(LinearRule):
 
 
 def _flat_fallback(
-    layer: LinearRuleLayer, empty: Tensor, relevance: Tensor, x: Tensor, scale: float = 1.0
+    layer: LinearRuleLayer,
+    empty: Tensor | None,
+    relevance: Tensor,
+    x: Tensor,
+    scale: float = 1.0,
 ) -> Tensor | None:
     """The flat share of the outputs marked ``empty`` (None when there are none).
 
-    On the CPU, checking for empty outputs costs nothing and most layers have none, so the
-    spread is skipped there; on an accelerator the check would wait for the device, so the
-    spread (a channel sum and a depthwise box filter) always runs.
+    ``empty=None``: the caller proved with a cheaper test that no output is empty. On the CPU,
+    checking for empty outputs costs little and most layers have none, so the spread is skipped
+    there; on an accelerator the check would wait for the device, so the spread (a channel sum
+    and a depthwise box filter) always runs.
     """
-    if empty.device.type == "cpu" and not bool(empty.any()):
+    if empty is None or (empty.device.type == "cpu" and not bool(empty.any())):
         return None
     g = torch.where(empty, relevance * scale if scale != 1.0 else relevance, 0.0)
     return _flat_transpose(layer, g, x)
@@ -293,54 +298,65 @@ class AlphaBeta(LinearRule):
             return den if self.stabilizer > 0 else stabilize(den, 0.0)
         return stabilize(den, self.stabilizer)
 
-    def _empty_value(
+    def _empty_mask(
         self, layer: LinearRuleLayer, p: dict[str, Tensor], den: Tensor
-    ) -> Tensor | float:
-        """What the stabilised positive denominator equals where every positive contribution is 0.
+    ) -> Tensor | None:
+        """Where every positive contribution is 0, or None when none can be (CPU only).
 
         ``_den`` adds the stabiliser to a sum of non-negative terms (on the bias, where it
         rides on the convolution: adding exact zeros to it leaves it exact), and
-        ``stabilize(., 0)`` turns an exact 0 into inf. A channel with b+ > 0 is never empty.
+        ``stabilize(., 0)`` turns an exact 0 into inf; so an empty output's denominator equals
+        the stabiliser (inf when it is 0), and a channel with b+ > 0 is never empty. On the CPU
+        one reduction over the denominator (no mask, no allocation) settles the common case of
+        a layer with no empty output: the mask needs a value equal to the stabiliser (or inf).
         """
         value = float("inf") if self.stabilizer == 0 else self.stabilizer
+        if den.device.type == "cpu":  # compared in den's dtype (float32 1e-7 > float64 1e-7)
+            inf = self.stabilizer == 0
+            if bool(den.amax() < value) if inf else bool(den.amin() > value):
+                return None
         bp = p.get("bp")
         if bp is None:
-            return value
+            return den == value
         # in den's dtype from the start (a float32 1e-6 cast to float64 is not 1e-6)
         t = torch.full_like(bp, value, dtype=den.dtype).masked_fill_(bp != 0, float("nan"))
-        return t if layer.op.kind == "linear" else t.view(-1, *([1] * (den.ndim - 2)))
+        return den == (t if layer.op.kind == "linear" else t.view(-1, *([1] * (den.ndim - 2))))
 
     def forward(self, layer, p, x, z):
+        # x+ and x- are temporaries: only the denominators are saved (the layer saves x), so a
+        # layer on signed inputs keeps one input-sized tensor alive, as its gradient does
         xp, xn = (x, None) if layer.input_nonnegative else (x.clamp(min=0), x.clamp(max=0))
-        saved = [xp] if xn is None else [xp, xn]
         wn = p.get("wn")
         # positive contributions (x+ w+, x- w-, b+) sum to >= 0, negative ones to <= 0
-        saved.append(self._den(layer, xp, xn, p["wp"], wn, p.get("bp"), True))
+        saved = [self._den(layer, xp, xn, p["wp"], wn, p.get("bp"), True)]
         if self.beta:
             saved.append(self._den(layer, xp, xn, wn, p["wp"], p.get("bn"), False))
         return tuple(saved)
 
     def backward(self, layer, p, x, saved, relevance):
         op = layer.op
-        nonneg = layer.input_nonnegative
-        xp, xn = (saved[0], None) if nonneg else (saved[0], saved[1])
-        dens = saved[1:] if nonneg else saved[2:]
         flat = None
         if self.empty == "flat":  # before the denominator's storage is reused below
-            empty = dens[0] == self._empty_value(layer, p, dens[0])
+            empty = self._empty_mask(layer, p, saved[0])
             flat = _flat_fallback(layer, empty, relevance, x, self.alpha)
         # the denominators are private to this layer and used once: divide into their storage
-        g_pos = torch.div(relevance, dens[0], out=dens[0])
+        g_pos = torch.div(relevance, saved[0], out=saved[0])
         if self.alpha != 1.0:
             g_pos.mul_(self.alpha)
-        r = op.transpose(g_pos, p["wp"], x).mul_(xp)
-        if xn is not None:
-            r = r + xn * op.transpose(g_pos, p["wn"], x)
-        if self.beta:
-            g_neg = relevance * (self.beta / dens[1])
-            r = r - xp * op.transpose(g_neg, p["wn"], x)
-            if xn is not None:
-                r = r - xn * op.transpose(g_neg, p["wp"], x)
+        g_neg = relevance * (self.beta / saved[1]) if self.beta else None
+        if layer.input_nonnegative:
+            r = op.transpose(g_pos, p["wp"], x).mul_(x)
+            if g_neg is not None:
+                r = r - x * op.transpose(g_neg, p["wn"], x)
+            return r if flat is None else r.add_(flat)
+        # x+ a + x- b is x * (a where x > 0, else b): one select and one product instead of two
+        # clamps, two products and a sum, the same values (the other term is an exact 0)
+        positive = x > 0
+        a = op.transpose(g_pos, p["wp"], x)
+        r = torch.where(positive, a, op.transpose(g_pos, p["wn"], x), out=a).mul_(x)
+        if g_neg is not None:
+            c = op.transpose(g_neg, p["wn"], x)
+            r = r - torch.where(positive, c, op.transpose(g_neg, p["wp"], x), out=c).mul_(x)
         return r if flat is None else r.add_(flat)
 
 

@@ -103,6 +103,8 @@ class AffineEpsilon(ModuleRule):
     identity (including where a x = 0, where a stabilised division would drop R).
     """
 
+    uses_output = False  # a x + c is recomputed from x: the output need not be kept
+
     def __init__(self, epsilon: float = 1e-6, zero_bias: bool = False) -> None:
         if epsilon < 0:
             raise ValueError(f"AffineEpsilon: epsilon must be >= 0, got {epsilon}")

@@ -21,6 +21,8 @@ class Proportional(ModuleRule):
     is not the module itself (a 2x2 window can be all zero where the 3x3 max-pool window is not).
     """
 
+    uses_output = False  # the backward re-runs the (cheap, linear) map on x
+
     def __init__(
         self,
         stabilizer: float = 1e-6,

@@ -24,6 +24,7 @@ INPUT_BOUNDS = (-3.0, 3.0)
 LRP0_TOLERANCE = 1e-8  # float64, LRP-0, zero_bias=True, stabilizer=0 (issue 11)
 OTSUKI_TOLERANCE = 1e-3  # float32 (issue 11)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # weight (out, in / groups, *kernel)
 
 
 def randomize_statistics(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
@@ -49,6 +50,74 @@ def randomize_statistics(model: nn.Module, seed: int = 0, shift: bool = True) ->
             for name, p in module.named_parameters(recurse=False):
                 if name in ("layer_scale", "gamma"):  # torchvision / timm ConvNeXt, init 1e-6
                     uniform(p, 0.5, 1.5)
+    return model
+
+
+def _batchnorm_pass(model: nn.Module, x: Tensor) -> None:
+    """Every BatchNorm's running statistics := those of ``x`` (one train-mode pass, cumulative
+    average); only BatchNorms switch to train mode (no dropout, no stochastic depth)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        model(x)
+    for m, (momentum, training) in zip(norms, saved, strict=True):
+        m.momentum = momentum
+        m.train(training)
+
+
+def calibrate_batchnorm(model: nn.Module, size: int, n: int = 64, seed: int = 2) -> nn.Module:
+    """Give a random-weight model the activation scales of a trained one, without changing what
+    its BatchNorms compute: every convolution whose output goes straight into a BatchNorm gets its
+    weights (and bias) rescaled per output channel to unit RMS output, then every BatchNorm's
+    running statistics are set to those of ``n`` random inputs of ``size`` px (:func:`make_input`).
+
+    Why: the otsuki2024 preset's published stabiliser (1e-5) is absolute and sits on the raw
+    convolution outputs (BatchNorm is not folded, relevance passes it unchanged), so the share it
+    absorbs, 1e-5 / (z+ + 1e-5) per output, depends on a scale the network's function does not fix
+    (a BatchNorm after a convolution cancels any per-channel factor). Random initialisations leave
+    it far from 1: kaiming fan-out gives depthwise kernels a std of 0.012 in EfficientNet-V2's last
+    stage; fixed statistics (the defaults, or any drawn without the data) let activations grow or
+    shrink by orders of magnitude from block to block. Trained networks keep both O(1). The
+    rescale is exact up to the BatchNorm's own eps (train-mode BatchNorm is invariant to it, so
+    the second pass sees the same activations as the first); the affine parameters drawn by
+    :func:`randomize_statistics` keep the normalisation non-trivial.
+    """
+    x = make_input(n, size, next(model.parameters()).dtype, seed=seed)
+    outputs: dict[int, tuple[nn.Module, Tensor]] = {}
+    scales: dict[nn.Module, Tensor] = {}
+
+    def conv_out(conv: nn.Module, args: object, out: Tensor) -> None:
+        outputs[id(out)] = (conv, out)
+
+    def norm_in(norm: nn.Module, args: tuple[Tensor, ...]) -> None:
+        conv, out = outputs.get(id(args[0]), (None, None))
+        if out is args[0]:  # the very tensor a convolution returned
+            scales[conv] = args[0].pow(2).mean([d for d in range(out.ndim) if d != 1]).sqrt()
+
+    handles = [
+        m.register_forward_hook(conv_out)
+        if isinstance(m, _CONVS)
+        else m.register_forward_pre_hook(norm_in)
+        for m in model.modules()
+        if isinstance(m, (*_CONVS, nn.modules.batchnorm._BatchNorm))
+    ]
+    try:
+        _batchnorm_pass(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    outputs.clear()
+    with torch.no_grad():
+        for conv, rms in scales.items():
+            factor = 1.0 / rms.clamp(min=torch.finfo(rms.dtype).tiny)
+            conv.weight.mul_(factor.view(-1, *([1] * (conv.weight.ndim - 1))))
+            if conv.bias is not None:
+                conv.bias.mul_(factor)
+    _batchnorm_pass(model, x)
     return model
 
 

@@ -24,6 +24,7 @@ INPUT_BOUNDS = (-3.0, 3.0)
 LRP0_TOLERANCE = 1e-8  # float64, LRP-0, zero_bias=True, stabilizer=0 (issue 11)
 OTSUKI_TOLERANCE = 1e-3  # float32 (issue 11)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_LAYER_NORMS = (nn.LayerNorm, nn.GroupNorm)  # invariant to one factor on their input
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # weight (out, in / groups, *kernel)
 
 
@@ -69,41 +70,47 @@ def _batchnorm_pass(model: nn.Module, x: Tensor) -> None:
         m.train(training)
 
 
-def calibrate_batchnorm(model: nn.Module, size: int, n: int = 64, seed: int = 2) -> nn.Module:
+def calibrate_activations(model: nn.Module, size: int, n: int = 64, seed: int = 2) -> nn.Module:
     """Give a random-weight model the activation scales of a trained one, without changing what
-    its BatchNorms compute: every convolution whose output goes straight into a BatchNorm gets its
-    weights (and bias) rescaled per output channel to unit RMS output, then every BatchNorm's
-    running statistics are set to those of ``n`` random inputs of ``size`` px (:func:`make_input`).
+    its normalisations compute: every convolution whose output goes straight into a norm gets its
+    weights (and bias) rescaled to unit RMS output on ``n`` random inputs of ``size`` px
+    (:func:`make_input`), per output channel before a BatchNorm, by one factor before a
+    LayerNorm/GroupNorm (ConvNeXt's depthwise convs, also through a permute); then every
+    BatchNorm's running statistics are set to those of the same inputs (cumulative average).
 
     Why: the otsuki2024 preset's published stabiliser (1e-5) is absolute and sits on the raw
     convolution outputs (BatchNorm is not folded, relevance passes it unchanged), so the share it
     absorbs, 1e-5 / (z+ + 1e-5) per output, depends on a scale the network's function does not fix
-    (a BatchNorm after a convolution cancels any per-channel factor). Random initialisations leave
-    it far from 1: kaiming fan-out gives depthwise kernels a std of 0.012 in EfficientNet-V2's last
-    stage; fixed statistics (the defaults, or any drawn without the data) let activations grow or
-    shrink by orders of magnitude from block to block. Trained networks keep both O(1). The
-    rescale is exact up to the BatchNorm's own eps (train-mode BatchNorm is invariant to it, so
-    the second pass sees the same activations as the first); the affine parameters drawn by
-    :func:`randomize_statistics` keep the normalisation non-trivial.
+    (the norm after a convolution cancels it). Random initialisations leave it far from 1:
+    kaiming fan-out gives depthwise kernels a std of 0.012 in EfficientNet-V2's last stage,
+    ConvNeXt's are drawn with std 0.02; fixed BatchNorm statistics (the defaults, or any drawn
+    without the data) let activations grow or shrink by orders of magnitude from block to block.
+    Trained networks keep both O(1). The rescale is exact up to the norms' own eps (a train-mode
+    BatchNorm and a LayerNorm are invariant to it, so the second pass sees the activations of the
+    first); only BatchNorms switch to train mode (no dropout, no stochastic depth); the affine
+    parameters drawn by :func:`randomize_statistics` keep the normalisation non-trivial.
     """
     x = make_input(n, size, next(model.parameters()).dtype, seed=seed)
-    outputs: dict[int, tuple[nn.Module, Tensor]] = {}
+    outputs: dict[int, tuple[nn.Module, Tensor]] = {}  # storage -> conv, output (kept alive)
     scales: dict[nn.Module, Tensor] = {}
 
     def conv_out(conv: nn.Module, args: object, out: Tensor) -> None:
-        outputs[id(out)] = (conv, out)
+        outputs[out.untyped_storage().data_ptr()] = (conv, out)
 
     def norm_in(norm: nn.Module, args: tuple[Tensor, ...]) -> None:
-        conv, out = outputs.get(id(args[0]), (None, None))
-        if out is args[0]:  # the very tensor a convolution returned
-            scales[conv] = args[0].pow(2).mean([d for d in range(out.ndim) if d != 1]).sqrt()
+        x = args[0]
+        conv, out = outputs.get(x.untyped_storage().data_ptr(), (None, None))
+        if out is x and isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            scales[conv] = x.pow(2).mean([d for d in range(x.ndim) if d != 1]).sqrt()
+        elif out is not None and out.numel() == x.numel() and isinstance(norm, _LAYER_NORMS):
+            scales[conv] = x.pow(2).mean().sqrt()  # a view of the conv's output: one factor
 
     handles = [
         m.register_forward_hook(conv_out)
         if isinstance(m, _CONVS)
         else m.register_forward_pre_hook(norm_in)
         for m in model.modules()
-        if isinstance(m, (*_CONVS, nn.modules.batchnorm._BatchNorm))
+        if isinstance(m, (*_CONVS, nn.modules.batchnorm._BatchNorm, *_LAYER_NORMS))
     ]
     try:
         _batchnorm_pass(model, x)

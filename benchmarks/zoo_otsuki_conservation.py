@@ -5,7 +5,7 @@ tests' statistics before issue 11's calibration (:func:`randomize_statistics` on
 :func:`calibrate_activations` (what tests/zoo_checks.py checks now), both at the published
 ``otsuki_epsilon=1e-5``.
 
-    OMP_NUM_THREADS=1 python benchmarks/zoo_otsuki_conservation.py [names...]
+    OMP_NUM_THREADS=1 python benchmarks/zoo_otsuki_conservation.py [--size PX] [names...]
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ def errors(model: torch.nn.Module, x: torch.Tensor, eps: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("names", nargs="*", default=CNN_BUILDERS)
+    parser.add_argument("--size", type=int, help="input px instead of the zoo test's")
     args = parser.parse_args()
     head = " | ".join(f"{state}, eps {eps:g}" for state, eps in COLUMNS)
     print(f"| model | px | n | {head} |\n|---|---|---|" + "---|" * len(COLUMNS))
     for name in args.names:
-        size, n = input_size(name), (1 if name in DEFAULT else 2)
+        size, n = args.size or input_size(name), (1 if name in DEFAULT else 2)
         t = time.perf_counter()
         torch.manual_seed(0)
         model = randomize_statistics(build(name)).eval().requires_grad_(False)

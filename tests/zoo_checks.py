@@ -88,10 +88,13 @@ def calibrate_activations(model: nn.Module, size: int, n: int = 64, seed: int = 
     kaiming fan-out gives depthwise kernels a std of 0.012 in EfficientNet-V2's last stage,
     ConvNeXt's are drawn with std 0.02; fixed BatchNorm statistics (the defaults, or any drawn
     without the data) let activations grow or shrink by orders of magnitude from block to block.
-    Trained networks keep both O(1). The rescale is exact up to the norms' own eps (a train-mode
-    BatchNorm and a LayerNorm are invariant to it, so the second pass sees the activations of the
-    first); only BatchNorms switch to train mode (no dropout, no stochastic depth); the affine
-    parameters drawn by :func:`randomize_statistics` keep the normalisation non-trivial.
+    Unit scale is the choice made here for both, as for data a trained network's statistics were
+    computed on (no trained weights are measured: nothing is downloaded). The rescale is exact up
+    to the norms' own eps (a train-mode BatchNorm and a LayerNorm are invariant to it, so the
+    second pass sees the activations of the first) as long as the conv's output feeds nothing but
+    the norm, as in every torchvision/timm model of the zoo tests; only BatchNorms switch to train
+    mode (no dropout, no stochastic depth); the affine parameters drawn by
+    :func:`randomize_statistics` keep the normalisation non-trivial.
     """
     x = make_input(n, size, next(model.parameters()).dtype, seed=seed)
     outputs: dict[int, tuple[nn.Module, Tensor]] = {}  # storage -> conv, output (kept alive)

@@ -92,7 +92,7 @@ def calibrate_activations(model: nn.Module, size: int, n: int = 64, seed: int = 
     computed on (no trained weights are measured: nothing is downloaded). The rescale is exact up
     to the norms' own eps (a train-mode BatchNorm and a LayerNorm are invariant to it, so the
     second pass sees the activations of the first) as long as the conv's output feeds nothing but
-    the norm, as in every torchvision/timm model of the zoo tests; only BatchNorms switch to train
+    the norm (the usual conv -> norm layout; not checked here); only BatchNorms switch to train
     mode (no dropout, no stochastic depth); the affine parameters drawn by
     :func:`randomize_statistics` keep the normalisation non-trivial.
     """

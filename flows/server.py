@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -178,7 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.time()
         print(f"servers ready in {start - begin:.0f} s; running {' '.join(command)}",
               file=sys.stderr)
-        code = subprocess.call(command, env=env)
+        proc = subprocess.Popen(command, env=env)
+        # Ctrl-C is the command's to handle (DVC stops its stage, the stage says how to resume):
+        # the servers stay up until it has exited, so its last reports still reach them
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         wall = time.time() - start
         try:
             runs, in_flows, in_tasks = run_seconds(api_url, start)

@@ -23,10 +23,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from pipeline_helpers import copy_project, env, run, tiny_params, write_params  # noqa: E402
+from pipeline_helpers import (  # noqa: E402
+    GIT,
+    copy_project,
+    env,
+    init_project,
+    run,
+    tiny_params,
+    write_params,
+)
 
-GIT = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
-       "GIT_COMMITTER_EMAIL": "b@b"}
 MODES = {"stage-server": [], "no-stage-server": ["--no-stage-server"]}
 SUMMARY = re.compile(r"Prefect: (\d+) flow runs; flows ran (\d+) s, tasks (\d+) s of (\d+) s wall"
                      r".*servers (\d+) s")
@@ -38,10 +44,9 @@ def _project(root: Path, config: str) -> dict[str, str]:
     if config == "tiny":
         write_params(root / "params.yaml", tiny_params(root))
     e = env(root, **GIT)
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
-                ["python", "-m", "flows.stages", "data"], ["dvc", "add", "-q", "data"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        run(cmd, root, e)
+    init_project(root, e)
+    run(["git", "add", "-A"], root, e)
+    run(["git", "commit", "-qm", "init"], root, e)
     return e
 
 

@@ -80,6 +80,17 @@ def env(tmp: Path, **extra: str) -> dict[str, str]:
     return e
 
 
+GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+       "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def init_project(root: Path, environ: dict[str, str]) -> None:
+    """What a user does once on a fresh clone: git and DVC, the synthetic data, ``dvc add data``."""
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                ["python", "-m", "flows.stages", "data"], ["dvc", "add", "-q", "data"]):
+        run(cmd, root, environ)
+
+
 def run(cmd: list[str], cwd: Path, environ: dict[str, str], timeout: float = 600) -> str:
     """Run a command; on failure raise with its output (the test log shows why)."""
     proc = subprocess.run(

@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import copy_project, env, run, tiny_params, write_params
+from pipeline_helpers import GIT, copy_project, env, init_project, run, tiny_params, write_params
 
 from flows.config import DEFAULT_COMPARE
 
 pytestmark = pytest.mark.slow
 LABELS = ("otsuki2024", "otsuki2024_residual-gradient", "grad-cam")
-GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-       "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +27,7 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_params(root / "params.yaml",
                  tiny_params(root, explain={"compare": list(DEFAULT_COMPARE)}))
     e = env(root, PREFECT_LOGGING_LEVEL="INFO", **GIT)
-    run(["git", "init", "-q"], root, e)
-    run(["dvc", "init", "-q"], root, e)
-    run(["python", "-m", "flows.stages", "data"], root, e)
-    run(["dvc", "add", "-q", "data"], root, e)
+    init_project(root, e)
     out = run(["python", "-m", "flows.server", "--", "dvc", "repro"], root, e, timeout=900)
     (root / "repro.log").write_text(out)
     run(["git", "add", "-A"], root, e)

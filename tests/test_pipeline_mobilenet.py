@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import copy_project, env, run, tiny_params, write_params
+from pipeline_helpers import copy_project, env, init_project, run, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +20,7 @@ def test_mobilenet_v3_small_through_dvc_repro(tmp_path: Path) -> None:
     write_params(root / "params.yaml", tiny_params(root, model={"architectures":
                                                                 ["mobilenet_v3_small"]}))
     e = env(root)
-    run(["git", "init", "-q"], root, e)
-    run(["dvc", "init", "-q"], root, e)
-    run(["python", "-m", "flows.stages", "data"], root, e)
-    run(["dvc", "add", "-q", "data"], root, e)
+    init_project(root, e)
     run(["python", "-m", "flows.server", "--", "dvc", "repro"], root, e, timeout=900)
     summary = json.loads((root / "metrics" / "mobilenet_v3_small" / "explain.json").read_text())
     assert 0.0 <= summary["composite"]["insertion"] <= 1.0

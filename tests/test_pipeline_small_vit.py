@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_helpers import copy_project, env, run, tiny_params, write_params
+from pipeline_helpers import copy_project, env, init_project, run, tiny_params, write_params
 
 from flows.config import Params
 from flows.context import engine_options, methods
@@ -81,10 +81,7 @@ def test_small_vit_through_dvc_repro(tmp_path: Path) -> None:
         tiny_params(root, model={"architectures": ["small_vit"]}, explain=VIT_EXPLAIN),
     )
     e = env(root)
-    run(["git", "init", "-q"], root, e)
-    run(["dvc", "init", "-q"], root, e)
-    run(["python", "-m", "flows.stages", "data"], root, e)
-    run(["dvc", "add", "-q", "data"], root, e)
+    init_project(root, e)
     run(["python", "-m", "flows.server", "--", "dvc", "repro"], root, e, timeout=900)
     summary = json.loads((root / "metrics" / "small_vit" / "explain.json").read_text())
     assert 0.0 <= summary["composite"]["insertion"] <= 1.0

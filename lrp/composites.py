@@ -91,13 +91,20 @@ def _eps(o: dict[str, Any]) -> Epsilon:
 
 
 def _epsilon_plus(o: dict[str, Any]) -> Composite:
-    zplus = ZPlus(o["stabilizer"], zero_bias=o["zero_bias"], empty=o["empty"])
+    zplus = ZPlus(
+        o["stabilizer"], zero_bias=o["zero_bias"], empty=o["empty"],
+        stabilizer_share=o["stabilizer_share"],
+    )
     return Composite("epsilon-plus", _linear_map(zplus, _eps(o)))
+
+
+def _flat(o: dict[str, Any]) -> Flat:
+    return Flat(o["stabilizer"], stabilizer_share=o["stabilizer_share"])
 
 
 def _epsilon_plus_flat(o: dict[str, Any]) -> Composite:
     c = _epsilon_plus(o)
-    return Composite("epsilon-plus-flat", c.rules, first=Flat(o["stabilizer"]))
+    return Composite("epsilon-plus-flat", c.rules, first=_flat(o))
 
 
 def _epsilon_gamma_box(o: dict[str, Any]) -> Composite:
@@ -110,18 +117,20 @@ def _epsilon_gamma_box(o: dict[str, Any]) -> Composite:
 
 
 def _epsilon_alpha2_beta1(o: dict[str, Any]) -> Composite:
-    rules = _linear_map(AlphaBeta(2.0, 1.0, o["stabilizer"], empty=o["empty"]), _eps(o))
-    return Composite("epsilon-alpha2-beta1", rules)
+    ab = AlphaBeta(2.0, 1.0, o["stabilizer"], empty=o["empty"],
+                   stabilizer_share=o["stabilizer_share"])
+    return Composite("epsilon-alpha2-beta1", _linear_map(ab, _eps(o)))
 
 
 def _epsilon_alpha2_beta1_flat(o: dict[str, Any]) -> Composite:
     c = _epsilon_alpha2_beta1(o)
-    return Composite("epsilon-alpha2-beta1-flat", c.rules, first=Flat(o["stabilizer"]))
+    return Composite("epsilon-alpha2-beta1-flat", c.rules, first=_flat(o))
 
 
 def _otsuki2024(o: dict[str, Any]) -> Composite:
     eps = o.get("otsuki_epsilon", 1e-5)
-    zplus = ZPlus(stabilizer=eps, zero_bias=True, empty=o["empty"])
+    share = o["stabilizer_share"]  # "flat" unless given: see COMPOSITE_DEFAULTS
+    zplus = ZPlus(stabilizer=eps, zero_bias=True, empty=o["empty"], stabilizer_share=share)
     rules: dict[str | type, Rule] = {
         CONV_TYPES: zplus,  # type: ignore[dict-item]
         DENSE_TYPES: zplus,  # type: ignore[dict-item]
@@ -134,7 +143,7 @@ def _otsuki2024(o: dict[str, Any]) -> Composite:
     return Composite(
         "otsuki2024",
         rules,
-        first=ZPlusOnes(eps),
+        first=ZPlusOnes(eps, stabilizer_share=share),
         fold_batchnorm=False,
         output="probability",
         stem_pool=stem,
@@ -168,7 +177,12 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "gamma": 0.25,
     "zero_bias": False,
     "empty": "flat",
+    "stabilizer_share": "absorb",
 }
+# Defaults a composite sets differently (a user's option still wins): otsuki2024 is the preset
+# whose point is conservation; its published eps 1e-5 absorbs up to 2 % of the relevance at
+# depthwise convolutions with few taps unless its share is spread (docs/ENGINE_API.md).
+COMPOSITE_DEFAULTS: dict[str, dict[str, Any]] = {"otsuki2024": {"stabilizer_share": "flat"}}
 OPTION_NAMES = frozenset({*DEFAULT_OPTIONS, "input_bounds", "otsuki_epsilon"})
 
 
@@ -184,11 +198,15 @@ def get(name: str, **options: Any) -> Composite:
     zero_bias (leave biases out of epsilon/LRP-0/z+ denominators: biases absorb relevance, so
     only bias-free propagation is conservative), otsuki_epsilon (the otsuki2024 preset's 1e-5),
     empty ("flat": an output with no contribution to divide by shares its relevance uniformly
-    over its receptive field; "drop": the plain rules, which lose it).
+    over its receptive field; "drop": the plain rules, which lose it), stabilizer_share
+    ("absorb": the plain rules, a stabiliser keeps its share eps / (z + eps) of each output's
+    relevance; "flat": z+, alpha-beta's positive term, flat, w^2, z+ with ones and the pool rules
+    spread that share uniformly instead, so z+ conserves exactly; default "flat" for otsuki2024,
+    "absorb" elsewhere).
     """
     if name not in _FACTORIES:
         raise InvalidInputError(f"composite={name!r} is not one of {names()}")
-    merged = _merged(options)
+    merged = _merged({**COMPOSITE_DEFAULTS.get(name, {}), **options})
     composite = _FACTORIES[name](merged)
     composite.options = {**merged, **composite.fixed_options}
     return composite

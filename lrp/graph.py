@@ -595,6 +595,11 @@ class _Builder:
         return None
 
     # ---------------------------------------------------------------- modules
+    def proportional(self) -> Proportional:
+        """The sum rule of average pools, means and sums, with the composite's stabiliser."""
+        o = self.options
+        return Proportional(o["stabilizer"], stabilizer_share=o.get("stabilizer_share", "absorb"))
+
     def module_rule(self, node: fx.Node, path: str, module: nn.Module) -> Rule | None:
         composite = self.s.composite
         if node is self.stem_pool:
@@ -607,7 +612,7 @@ class _Builder:
         if isinstance(module, PASS_MODULES):
             return Pass()
         if isinstance(module, POOL_MODULES):
-            return Proportional(self.options["stabilizer"])
+            return self.proportional()
         if isinstance(module, nn.LocalResponseNorm):
             return self.s.lrn_rule
         eps, zero_bias = self.options["epsilon"], self.options["zero_bias"]
@@ -782,8 +787,7 @@ class _Builder:
             if name in PASS_METHODS:
                 return self.to_passthrough(node, getattr(torch, name))
             if name in POOL_METHODS:
-                return self.to_module_rule(node, POOL_METHODS[name], Proportional(
-                    self.options["stabilizer"]))
+                return self.to_module_rule(node, POOL_METHODS[name], self.proportional())
             if name in attention.METHODS:
                 return self.to_attention(node, attention.METHODS[name])
         elif node.op == "call_function":
@@ -805,7 +809,7 @@ class _Builder:
             if fn in PASS_FUNCTIONS:
                 return self.to_passthrough(node, fn)
             if fn in POOL_FUNCTIONS:
-                return self.to_module_rule(node, fn, Proportional(self.options["stabilizer"]))
+                return self.to_module_rule(node, fn, self.proportional())
             if fn in attention.FUNCTIONS:
                 return self.to_attention(node, attention.FUNCTIONS[fn])
             if fn in attention.EQUATION_FUNCTIONS:

@@ -88,53 +88,9 @@ def test_every_builder_is_listed_in_a_family() -> None:
     assert all(family(r) == f for f, r in REPRESENTATIVES.items())
 
 
-# Known misses of issue 11's otsuki2024 bound (float32, published otsuki_epsilon 1e-5, < 1e-3 per
-# sample), measured with calibrated activations (zoo_checks.calibrate_activations) at the sizes
-# above by benchmarks/zoo_otsuki_conservation.py (BENCHMARKS.md has every model). All are
-# depthwise-conv families: the relevance is lost at the depthwise z+ layers, as the stabiliser's
-# share 1e-5 / (z+ + 1e-5) of outputs with few taps (1x1 and 2x2 maps at 32 px) and small positive
-# parts. MNASNet and ShuffleNet conserve to ~1e-6 with eps 1e-9 (the stabiliser alone);
-# EfficientNet-V2 keeps 0.7-7e-3 even at 1e-9: its BatchNorms pass relevance on unchanged
-# (the preset does not fold them), so depthwise outputs whose z+ part is tiny (SiLU's negative
-# tail, exactly-empty ones are spread flat) still get the BatchNorm shift's O(1) share, which any
-# stabiliser above that z+ part absorbs. Strict xfail: a fix shows up as XPASS and fails the run
-# until its entry is removed.
-_OTSUKI_MISSES = {
-    "convnext_base": "1.5e-3, 1.3e-3",
-    "convnext_large": "1.6e-3, 1.1e-3",
-    "convnext_small": "1.2e-3, 1.4e-3",
-    "efficientnet_b1": "1.0e-3, 1.3e-3",
-    "efficientnet_b2": "8.2e-4, 2.9e-3",
-    "efficientnet_b3": "1.5e-3, 2.2e-3",
-    "efficientnet_b4": "1.2e-2, 1.1e-3",
-    "efficientnet_b5": "1.2e-3, 2.1e-3",
-    "efficientnet_b6": "2.0e-3, 2.5e-3",
-    "efficientnet_b7": "2.2e-3, 9.2e-3",
-    "efficientnet_v2_l": "9.9e-3, 1.8e-2",
-    "efficientnet_v2_m": "1.8e-3, 3.1e-3",
-    "efficientnet_v2_s": "5.0e-3",
-    "mnasnet0_5": "1.1e-3",
-    "mnasnet0_75": "1.0e-3, 7.7e-4",
-    "mnasnet1_0": "1.2e-3, 9.2e-4",
-    "mnasnet1_3": "8.2e-4, 1.6e-3",
-    "shufflenet_v2_x0_5": "2.8e-3",
-    "shufflenet_v2_x1_0": "1.9e-3, 1.1e-3",
-    "shufflenet_v2_x1_5": "7.7e-4, 1.2e-3",
-    "shufflenet_v2_x2_0": "1.5e-3, 1.1e-3",
-}
-KNOWN_MISSES = {
-    (name, "otsuki2024"): f"float32 otsuki2024 conservation {errors} at eps 1e-5 (issue 11)"
-    for name, errors in _OTSUKI_MISSES.items()
-}
-
-
 def _params(names: list[str], marks: tuple[pytest.MarkDecorator, ...]) -> list[object]:
-    def marks_for(name: str, check: str) -> tuple[pytest.MarkDecorator, ...]:
-        miss = KNOWN_MISSES.get((name, check))
-        return marks if miss is None else (*marks, pytest.mark.xfail(reason=miss, strict=True))
-
     return [
-        pytest.param(name, check, marks=marks_for(name, check), id=f"{name}-{check}")
+        pytest.param(name, check, marks=marks, id=f"{name}-{check}")
         for name in names
         for check in CHECKS  # a model's checks in a row: it is built once
     ]

@@ -6,12 +6,12 @@ Models get random weights (nothing is downloaded) and non-trivial normalisation 
 affine parameters of BatchNorm/LayerNorm/GroupNorm and ConvNeXt layer scales are drawn at random,
 so that BN folding, bias handling and the layer-scale product all change the result (a
 default-initialised BN is the identity and its shift is 0, which would let a missing fold or a
-biased denominator pass unnoticed). BatchNorm running statistics are drawn at random too, except for
-the otsuki2024 check: there they and the scale of the convolutions before a norm are calibrated on
-random inputs (``calibrate_activations``: trained-like O(1) activations, which the preset's absolute
-stabiliser needs; the composites check keeps the random ones, as on calibrated EfficientNet-V2-S
-the folded copy's float32 logits differ by 1.1e-4, over its 1e-4 bound). The LRP-0 conservation
-check uses scales without shifts (see ``check_lrp0_conserves``).
+biased denominator pass unnoticed). BatchNorm running statistics are drawn at random too
+(activations then grow or shrink by orders of magnitude from block to block, as in no trained
+network: the otsuki2024 check conserves all the same, since the preset spreads its stabiliser's
+share instead of absorbing it; benchmarks/zoo_otsuki_conservation.py compares both, also with
+trained-like scales). The LRP-0 conservation check uses scales without shifts (see
+``check_lrp0_conserves``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ import lrp
 
 INPUT_BOUNDS = (-3.0, 3.0)
 LRP0_TOLERANCE = 1e-8  # float64, LRP-0, zero_bias=True, stabilizer=0 (issue 11)
-OTSUKI_TOLERANCE = 1e-3  # float32 (issue 11)
+OTSUKI_TOLERANCE = 1e-4  # float32 (issue 11: < 1e-3 for the zoo, < 1e-4 for ResNeXt; met by all)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-_LAYER_NORMS = (nn.LayerNorm, nn.GroupNorm)  # invariant to one factor on their input
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # weight (out, in / groups, *kernel)
 
 
 def randomize_statistics(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
@@ -58,83 +56,6 @@ def randomize_statistics(model: nn.Module, seed: int = 0, shift: bool = True) ->
     return model
 
 
-def _batchnorm_pass(model: nn.Module, x: Tensor) -> None:
-    """Every BatchNorm's running statistics := those of ``x`` (one train-mode pass, cumulative
-    average); only BatchNorms switch to train mode (no dropout, no stochastic depth)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
-        model(x)
-    for m, (momentum, training) in zip(norms, saved, strict=True):
-        m.momentum = momentum
-        m.train(training)
-
-
-def calibrate_activations(model: nn.Module, size: int, n: int = 64, seed: int = 2) -> nn.Module:
-    """Give a random-weight model the activation scales of a trained one, without changing what
-    its normalisations compute: every convolution whose output goes straight into a norm gets its
-    weights (and bias) rescaled to unit RMS output on ``n`` random inputs of ``size`` px
-    (:func:`make_input`), per output channel before a BatchNorm, by one factor before a
-    LayerNorm/GroupNorm (ConvNeXt's depthwise convs, also through a permute); then every
-    BatchNorm's running statistics are set to those of the same inputs (cumulative average).
-
-    Why: the otsuki2024 preset's published stabiliser (1e-5) is absolute and sits on the raw
-    convolution outputs (BatchNorm is not folded, relevance passes it unchanged), so the share it
-    absorbs, 1e-5 / (z+ + 1e-5) per output, depends on a scale the network's function does not fix
-    (the norm after a convolution cancels it). Random initialisations leave it far from 1:
-    kaiming fan-out gives depthwise kernels a std of 0.012 in EfficientNet-V2's last stage,
-    ConvNeXt's are drawn with std 0.02; fixed BatchNorm statistics (the defaults, or any drawn
-    without the data) let activations grow or shrink by orders of magnitude from block to block.
-    Unit scale is the choice made here for both, as for data a trained network's statistics were
-    computed on (no trained weights are measured: nothing is downloaded). The rescale is exact up
-    to the norms' own eps (a train-mode BatchNorm and a LayerNorm are invariant to it, so the
-    second pass sees the activations of the first) as long as the conv's output feeds nothing but
-    the norm (the usual conv -> norm layout; not checked here); only BatchNorms switch to train
-    mode (no dropout, no stochastic depth); the affine parameters drawn by
-    :func:`randomize_statistics` keep the normalisation non-trivial.
-    """
-    x = make_input(n, size, next(model.parameters()).dtype, seed=seed)
-    outputs: dict[int, tuple[nn.Module, Tensor]] = {}  # storage -> conv, output (kept alive)
-    scales: dict[nn.Module, Tensor] = {}
-
-    def conv_out(conv: nn.Module, args: object, out: Tensor) -> None:
-        outputs[out.untyped_storage().data_ptr()] = (conv, out)
-
-    def norm_in(norm: nn.Module, args: tuple[Tensor, ...]) -> None:
-        x = args[0]
-        conv, out = outputs.get(x.untyped_storage().data_ptr(), (None, None))
-        if out is x and isinstance(norm, nn.modules.batchnorm._BatchNorm):
-            scales[conv] = x.pow(2).mean([d for d in range(x.ndim) if d != 1]).sqrt()
-        elif out is not None and out.numel() == x.numel() and isinstance(norm, _LAYER_NORMS):
-            scales[conv] = x.pow(2).mean().sqrt()  # a view of the conv's output: one factor
-
-    handles = [
-        m.register_forward_hook(conv_out)
-        if isinstance(m, _CONVS)
-        else m.register_forward_pre_hook(norm_in)
-        for m in model.modules()
-        if isinstance(m, (*_CONVS, nn.modules.batchnorm._BatchNorm, *_LAYER_NORMS))
-    ]
-    try:
-        _batchnorm_pass(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    outputs.clear()
-    with torch.no_grad():
-        for conv, rms in scales.items():
-            factor = 1.0 / rms.clamp(min=torch.finfo(rms.dtype).tiny)
-            conv.weight.mul_(factor.view(-1, *([1] * (conv.weight.ndim - 1))))
-            if conv.bias is not None:
-                conv.bias.mul_(factor)
-    _batchnorm_pass(model, x)
-    return model
-
-
 def composite_options(composite: str) -> dict[str, object]:
     return {"input_bounds": INPUT_BOUNDS} if composite == "epsilon-gamma-box" else {}
 
@@ -151,12 +72,9 @@ def cached_builder(
     row, so consecutive checks reuse it."""
 
     @functools.lru_cache(maxsize=1)
-    def get(name: str, dtype: torch.dtype, shift: bool = True, size: int = 0) -> nn.Module:
-        """``size`` > 0: with :func:`calibrate_activations` at that input size."""
+    def get(name: str, dtype: torch.dtype, shift: bool = True) -> nn.Module:
         torch.manual_seed(0)
         model = randomize_statistics(build(name), shift=shift).eval()
-        if size:
-            calibrate_activations(model, size)
         return model.to(dtype).requires_grad_(False)
 
     return get
@@ -208,8 +126,11 @@ def check_record_layers(
     failures = []
     if not e.layer_relevance:
         failures.append(f"{composite} record_layers=True: no layer relevance")
-    if not torch.equal(e.relevance, plain(x).relevance):
-        failures.append(f"{composite} record_layers=True: relevance changed")
+    again = plain(x).relevance  # bitwise equality is too strict: oneDNN's CPU kernels are not
+    # deterministic to the last bit from call to call (1e-14 on 4e-7 measured on googlenet)
+    gap = ((e.relevance - again).abs().max() / again.abs().max().clamp(min=1e-30)).item()
+    if not gap <= 1e-5:
+        failures.append(f"{composite} record_layers=True: relevance changed by {gap:.2g} (relative)")
     return failures
 
 
@@ -247,9 +168,8 @@ def check_otsuki_conserves(model: nn.Module, x: Tensor) -> list[str]:
     """The otsuki2024 preset (z+ everywhere, splitting at every merge, bias-free) explains the
     softmax probability and conserves it in float32, at the published stabiliser 1e-5.
 
-    The preset's stabiliser is absolute: the model needs trained-like activation scales
-    (:func:`calibrate_activations`, which :func:`run_check` asks for); with the random
-    initialisation's own scales it absorbs 1-50 % on depthwise/grouped-conv families.
+    The stabiliser is absolute; absorbing its share (the published code, ``stabilizer_share=
+    "absorb"``) loses 1-50 % on depthwise/grouped-conv families with these random statistics.
     """
     try:
         e = lrp.Explainer(model, "otsuki2024")(x)
@@ -282,5 +202,5 @@ def run_check(
     if check == "composites":
         return check_every_composite(get_model(name, torch.float32), x)
     if check == "otsuki2024":
-        return check_otsuki_conserves(get_model(name, torch.float32, size=size), x)
+        return check_otsuki_conserves(get_model(name, torch.float32), x)
     raise ValueError(check)

@@ -23,6 +23,17 @@ def stabilize(z: Tensor, epsilon: float) -> Tensor:
     return torch.where(z >= 0, z + epsilon, z - epsilon)
 
 
+SHARES = ("absorb", "flat")
+
+
+def check_share(rule: str, share: str) -> str:
+    """Validate a ``stabilizer_share``: ``"absorb"`` (the plain rule: the stabiliser keeps its
+    share of each output's relevance) or ``"flat"`` (spread uniformly over the inputs instead)."""
+    if share not in SHARES:
+        raise ValueError(f"{rule}: stabilizer_share={share!r} is not one of {list(SHARES)}")
+    return share
+
+
 class Rule:
     """Base class of all rules. A rule holds hyper-parameters only; prepared tensors live in the layer."""
 

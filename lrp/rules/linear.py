@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Rule, stabilize
+from .base import Rule, check_share, stabilize
 
 if TYPE_CHECKING:
     from ..layers import LinearRuleLayer
@@ -258,10 +258,22 @@ class AlphaBeta(LinearRule):
     convolution, with no host sync (a ``torch.where`` on the saved denominator). With alpha = 1
     (z+) this keeps the rule conservative; the beta share of an output with no negative
     contributions is still dropped, as in the plain rule.
+
+    ``stabilizer_share="flat"``: the stabiliser's share of the positive term, alpha * R_k * eps /
+    (sum_j (x_j w_jk)^+ + eps), is spread flat over the output's receptive field instead of being
+    absorbed (``"absorb"``, the plain rule, Zennit's and Otsuki et al.'s code). It is what z+
+    loses at outputs whose positive part is small against eps (depthwise convolutions with few
+    taps); an empty output's share is its whole relevance, so ``empty`` is then moot. z+ becomes
+    exactly conservative whatever eps, and values move by at most that share per output.
     """
 
     def __init__(
-        self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, empty: str = "flat"
+        self,
+        alpha: float = 2.0,
+        beta: float = 1.0,
+        stabilizer: float = 1e-6,
+        empty: str = "flat",
+        stabilizer_share: str = "absorb",
     ) -> None:
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
             raise ValueError(
@@ -274,6 +286,7 @@ class AlphaBeta(LinearRule):
         self.stabilizer = float(stabilizer)
         self.use_bias = True
         self.empty = empty
+        self.stabilizer_share = check_share("AlphaBeta", stabilizer_share)
 
     def prepare(self, weight, bias, input_nonnegative, private=False):
         out = {}
@@ -336,13 +349,16 @@ class AlphaBeta(LinearRule):
     def backward(self, layer, p, x, saved, relevance):
         op = layer.op
         flat = None
-        if self.empty == "flat":  # before the denominator's storage is reused below
+        spread = self.stabilizer_share == "flat" and self.stabilizer > 0
+        if self.empty == "flat" and not spread:  # before the denominator's storage is reused
             empty = self._empty_mask(layer, p, saved[0])
             flat = _flat_fallback(layer, empty, relevance, x, self.alpha)
         # the denominators are private to this layer and used once: divide into their storage
         g_pos = torch.div(relevance, saved[0], out=saved[0])
         if self.alpha != 1.0:
             g_pos.mul_(self.alpha)
+        if spread:  # eps * alpha R / den per output: all of it where nothing contributes
+            flat = _flat_transpose(layer, g_pos * self.stabilizer, x)
         g_neg = relevance * (self.beta / saved[1]) if self.beta else None
         if layer.input_nonnegative:
             r = op.transpose(g_pos, p["wp"], x).mul_(x)
@@ -364,15 +380,22 @@ class ZPlus(AlphaBeta):
     """z+ rule = alpha1-beta0: only positive contributions (x+ w+, x- w-) are kept."""
 
     def __init__(
-        self, stabilizer: float = 1e-6, zero_bias: bool = False, empty: str = "flat"
+        self,
+        stabilizer: float = 1e-6,
+        zero_bias: bool = False,
+        empty: str = "flat",
+        stabilizer_share: str = "absorb",
     ) -> None:
-        super().__init__(alpha=1.0, beta=0.0, stabilizer=stabilizer, empty=empty)
+        super().__init__(
+            alpha=1.0, beta=0.0, stabilizer=stabilizer, empty=empty,
+            stabilizer_share=stabilizer_share,
+        )
         self.use_bias = not zero_bias
 
     def __repr__(self) -> str:
         return (
             f"ZPlus(stabilizer={self.stabilizer}, zero_bias={not self.use_bias}, "
-            f"empty={self.empty!r})"
+            f"empty={self.empty!r}, stabilizer_share={self.stabilizer_share!r})"
         )
 
 
@@ -431,11 +454,15 @@ class _InputFree(LinearRule):
     """Rules that replace the input by ones: c_jk = w'_jk for a transformed weight w'.
 
     The denominator does not depend on the input values, so it is computed for one sample, cached
-    per input shape, and broadcast over the batch.
+    per input shape, and broadcast over the batch. ``stabilizer_share="flat"``: the stabiliser's
+    share R_k eps / (sum_j w'_jk + eps) is spread flat instead of absorbed (as in ``AlphaBeta``;
+    an output channel whose w' are all 0, e.g. all-negative weights under z+ with ones, then
+    passes its relevance on flat instead of losing it).
     """
 
-    def __init__(self, stabilizer: float = 1e-6) -> None:
+    def __init__(self, stabilizer: float = 1e-6, stabilizer_share: str = "absorb") -> None:
         self.stabilizer = float(stabilizer)
+        self.stabilizer_share = check_share(type(self).__name__, stabilizer_share)
 
     def transform(self, weight: Tensor) -> Tensor:
         raise NotImplementedError
@@ -453,7 +480,11 @@ class _InputFree(LinearRule):
         return (den,)
 
     def backward(self, layer, p, x, saved, relevance):
-        return layer.op.transpose(relevance / saved[0], p["w"], x)
+        g = relevance / saved[0]
+        r = layer.op.transpose(g, p["w"], x)
+        if self.stabilizer_share == "flat" and self.stabilizer > 0:
+            r = r.add_(_flat_transpose(layer, g * self.stabilizer, x))
+        return r
 
 
 class Flat(_InputFree):
@@ -473,8 +504,8 @@ class WSquare(_InputFree):
 class ZPlusOnes(_InputFree):
     """z+ with the input replaced by ones (Otsuki et al. 2024 stem): shares proportional to w+."""
 
-    def __init__(self, stabilizer: float = 1e-5) -> None:
-        super().__init__(stabilizer)
+    def __init__(self, stabilizer: float = 1e-5, stabilizer_share: str = "absorb") -> None:
+        super().__init__(stabilizer, stabilizer_share)
 
     def transform(self, weight):
         return weight.clamp(min=0)

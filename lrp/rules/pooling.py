@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
-from .base import ModuleRule, stabilize
+from .base import ModuleRule, check_share, stabilize
 
 
 class Proportional(ModuleRule):
@@ -19,6 +19,8 @@ class Proportional(ModuleRule):
     ``empty="flat"``: a window whose inputs sum to exactly zero (all zero after a ReLU) shares its
     relevance uniformly instead of dropping it, which keeps the rule conservative when ``through``
     is not the module itself (a 2x2 window can be all zero where the 3x3 max-pool window is not).
+    ``stabilizer_share="flat"``: the stabiliser's share of every window's relevance (all of it
+    for an all-zero window) is spread the same way instead of absorbed, as in ``AlphaBeta``.
     """
 
     uses_output = False  # the backward re-runs the (cheap, linear) map on x
@@ -28,12 +30,14 @@ class Proportional(ModuleRule):
         stabilizer: float = 1e-6,
         through: Callable[[Tensor], Tensor] | None = None,
         empty: str = "drop",
+        stabilizer_share: str = "absorb",
     ) -> None:
         if empty not in ("drop", "flat"):
             raise ValueError(f"Proportional: empty={empty!r} is not one of ['drop', 'flat']")
         self.stabilizer = float(stabilizer)
         self.through = through
         self.empty = empty
+        self.stabilizer_share = check_share("Proportional", stabilizer_share)
 
     def relevance(self, module: nn.Module, x: Tensor, output: Tensor, relevance: Tensor) -> Tensor:
         fn = self.through or module
@@ -49,13 +53,17 @@ class Proportional(ModuleRule):
                 )
             z_value = z.detach()
             share = relevance / stabilize(z_value, self.stabilizer)
-            if self.empty == "flat":
+            rest = None  # relevance the proportional shares do not carry: spread flat below
+            if self.stabilizer_share == "flat" and self.stabilizer > 0:
+                rest = relevance - share * z_value  # R eps / stab(z); all of R where z == 0
+            elif self.empty == "flat":
                 empty = z_value == 0
                 share = torch.where(empty, 0.0, share)
-            (grad,) = torch.autograd.grad(z, xx, share, retain_graph=self.empty == "flat")
+                rest = torch.where(empty, relevance, 0.0)
+            (grad,) = torch.autograd.grad(z, xx, share, retain_graph=rest is not None)
             result = x * grad
-            if self.empty == "flat":
+            if rest is not None:
                 counts = fn(torch.ones_like(x[:1]))  # the map's weight sum per output
-                (flat,) = torch.autograd.grad(z, xx, torch.where(empty, relevance / counts, 0.0))
+                (flat,) = torch.autograd.grad(z, xx, rest / counts)
                 result = result + flat
         return result

@@ -50,6 +50,7 @@ from importlib import metadata
 
 import torch
 import torchvision
+from calibration import batchnorm_statistics
 from torch import Tensor, nn
 
 # model -> (default batch, input size): CaffeNet's native input is 227 px; batches keep one CPU
@@ -157,7 +158,12 @@ def _device_name(device: str) -> str:
 # ---------------------------------------------------------------------------- models and methods
 def build_model(name: str, device: str) -> nn.Module:
     """Random weights (seed 0, nothing downloaded), eval mode, frozen parameters: the gradient
-    baseline then computes only the input gradient, as LRP does."""
+    baseline then computes only the input gradient, as LRP does.
+
+    BatchNorm running statistics are set from 16 random inputs, as a trained network's are from
+    its data: with torchvision's default statistics the random EfficientNet-B0 and
+    MobileNetV3-Large give logits of 1e-14 and 1e-10, every method then works on vanishing (and
+    partly subnormal, slow) numbers and no relevance survives an absolute stabiliser."""
     torch.manual_seed(0)
     if name == "caffenet":
         from lrp.models import caffenet
@@ -165,6 +171,7 @@ def build_model(name: str, device: str) -> nn.Module:
         model = caffenet()
     else:
         model = getattr(torchvision.models, name)(weights=None)
+    batchnorm_statistics(model, torch.randn(16, 3, *([MODELS[name][1]] * 2)))
     return model.eval().to(device).requires_grad_(False)
 
 
@@ -597,7 +604,8 @@ def header(args: argparse.Namespace, load_before: tuple[float, ...]) -> str:
         f"({_device_name(args.device)}); threads: {args.threads}; "
         f"TF32: {args.tf32 if args.device.startswith('cuda') else 'n/a'}",
         f"{versions}; python {platform.python_version()}",
-        f"random weights, float32, repeat {args.repeat} (insertion/deletion {args.id_repeat}), "
+        "random weights, BatchNorm statistics from 16 random inputs, float32, "
+        f"repeat {args.repeat} (insertion/deletion {args.id_repeat}), "
         f"warmup {args.warmup}; load average (1 min) {load_before[0]:.1f} before, "
         f"{load[0]:.1f} after",
         f"code: {_git_state()}",

@@ -299,14 +299,15 @@ class AlphaBeta(LinearRule):
                 out["bn"] = _neg(bias)
         return out
 
-    def _den(self, layer, xp, xn, w_a, w_b, b, nonnegative):
+    def _den(self, layer, xp, w_a, b, nonnegative):
+        """op(x+, w_a) + b, stabilised for its known sign; the x- term is added by ``forward``."""
         op = layer.op
         if nonnegative and self.stabilizer > 0:
             # the sign is known: the stabiliser rides on the bias of the convolution (no pass)
             b = w_a.new_full(w_a.shape[:1], self.stabilizer) if b is None else b + self.stabilizer
-        den = op(xp, w_a, b)
-        if xn is not None:
-            den = den.add_(op(xn, w_b))
+        return op(xp, w_a, b)
+
+    def _stabilized(self, den: Tensor, nonnegative: bool) -> Tensor:
         if nonnegative:
             return den if self.stabilizer > 0 else stabilize(den, 0.0)
         return stabilize(den, self.stabilizer)
@@ -336,15 +337,21 @@ class AlphaBeta(LinearRule):
         return den == (t if layer.op.kind == "linear" else t.view(-1, *([1] * (den.ndim - 2))))
 
     def forward(self, layer, p, x, z):
-        # x+ and x- are temporaries: only the denominators are saved (the layer saves x), so a
+        # positive contributions (x+ w+, x- w-, b+) sum to >= 0, negative ones (x+ w-, x- w+, b-)
+        # to <= 0. x+ is a temporary: only the denominators are saved (the layer saves x), so a
         # layer on signed inputs keeps one input-sized tensor alive, as its gradient does
-        xp, xn = (x, None) if layer.input_nonnegative else (x.clamp(min=0), x.clamp(max=0))
-        wn = p.get("wn")
-        # positive contributions (x+ w+, x- w-, b+) sum to >= 0, negative ones to <= 0
-        saved = [self._den(layer, xp, xn, p["wp"], wn, p.get("bp"), True)]
+        wp, wn = p["wp"], p.get("wn")
+        xp = x if layer.input_nonnegative else torch.relu(x)
+        dens = [self._den(layer, xp, wp, p.get("bp"), True)]
         if self.beta:
-            saved.append(self._den(layer, xp, xn, wn, p["wp"], p.get("bn"), False))
-        return tuple(saved)
+            dens.append(self._den(layer, xp, wn, p.get("bn"), False))
+        if not layer.input_nonnegative:
+            # x+ - x = -x-, in place; op(-x-, w) = -op(x-, w) exactly (negation is exact)
+            t = xp.sub_(x)
+            dens[0].sub_(layer.op(t, wn))
+            if self.beta:
+                dens[1].sub_(layer.op(t, wp))
+        return (self._stabilized(dens[0], True), *(self._stabilized(d, False) for d in dens[1:]))
 
     def backward(self, layer, p, x, saved, relevance):
         op = layer.op
@@ -365,14 +372,17 @@ class AlphaBeta(LinearRule):
             if g_neg is not None:
                 r = r - x * op.transpose(g_neg, p["wn"], x)
             return r if flat is None else r.add_(flat)
-        # x+ a + x- b is x * (a where x > 0, else b): one select and one product instead of two
-        # clamps, two products and a sum, the same values (the other term is an exact 0)
-        positive = x > 0
-        a = op.transpose(g_pos, p["wp"], x)
-        r = torch.where(positive, a, op.transpose(g_pos, p["wn"], x), out=a).mul_(x)
+        # x+ a + x- b, with x- b = -((-x-) b) and -x- = x+ - x made in place: one new tensor and
+        # in-place passes (a boolean select is 3x slower on the CPU); the same values as
+        # x * (a where x > 0, else b), the other term being an exact 0
+        xp = torch.relu(x)
+        r = op.transpose(g_pos, p["wp"], x).mul_(xp)
         if g_neg is not None:
-            c = op.transpose(g_neg, p["wn"], x)
-            r = r - torch.where(positive, c, op.transpose(g_neg, p["wp"], x), out=c).mul_(x)
+            r_neg = op.transpose(g_neg, p["wn"], x).mul_(xp)
+        t = xp.sub_(x)
+        r.addcmul_(op.transpose(g_pos, p["wn"], x), t, value=-1.0)
+        if g_neg is not None:
+            r = r.sub_(r_neg.addcmul_(op.transpose(g_neg, p["wp"], x), t, value=-1.0))
         return r if flat is None else r.add_(flat)
 
 

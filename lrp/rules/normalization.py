@@ -73,8 +73,8 @@ class LayerNormRule(ModuleRule):
         grouped, weight, bias, eps = _grouped(module, x)
         wide = torch.promote_types(x.dtype, torch.float32)  # statistics as torch computes them
         g = grouped.to(wide)
-        mean = g.mean(-1, keepdim=True)
-        sigma = (g.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+        var, mean = torch.var_mean(g, -1, unbiased=False, keepdim=True)
+        sigma = (var + eps).sqrt()
         centred = ((g - mean) / sigma).to(x.dtype).view(x.shape)  # the normalised input
         if self.zero_bias or bias is None:
             den = centred if weight is None else centred * weight

@@ -39,6 +39,10 @@ class LinearOp:
         self.dilation = tuple(module.dilation)
         self.groups = module.groups
         self.padding = self._int_padding(module, path)
+        # a 1x1 stride-1 convolution without padding: its transpose is a 1x1 convolution too
+        self.pointwise = all(
+            v == 1 for v in (*module.kernel_size, *self.stride)
+        ) and not any(self.padding)
 
     @staticmethod
     def _int_padding(module: nn.Module, path: str) -> tuple[int, ...]:
@@ -64,6 +68,13 @@ class LinearOp:
         """Gradient of ``sum(g * op(x, w))`` with respect to ``x`` (``x`` only gives the shape)."""
         if self.kind == "linear":
             return g.matmul(w)
+        if self.pointwise:
+            # the 1x1 convolution with each group's weight matrix transposed: the CPU's forward
+            # kernel is 25-50 % faster than its input-gradient path (no col2im), same sums
+            groups, (c_out, c_in_g) = self.groups, w.shape[:2]
+            wt = w.reshape(groups, c_out // groups, c_in_g).transpose(1, 2)
+            wt = wt.reshape(groups * c_in_g, c_out // groups, *w.shape[2:])
+            return _CONV_FN[self.dims](g, wt, None, 1, 0, 1, groups)
         grad_input, _, _ = torch.ops.aten.convolution_backward(
             g,
             x,

@@ -254,6 +254,12 @@ def layer_factory(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
         )
     elif kind == "conv3d":
         layer, shape = nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), (2, 3, 4, 3)
+    elif kind == "conv2d-1x1":  # pointwise: the transpose is a 1x1 convolution (lrp/ops.py)
+        layer, shape = nn.Conv2d(3, 5, 1), (3, 4, 5)
+    elif kind == "conv2d-1x1-g3-nobias":
+        layer, shape = nn.Conv2d(6, 9, 1, groups=3, bias=False), (6, 4, 3)
+    elif kind == "conv1d-1x1-d2":  # dilation does not matter for a 1-tap kernel
+        layer, shape = nn.Conv1d(4, 2, 1, dilation=2), (4, 7)
     else:
         raise AssertionError(kind)
     layer = layer.to(F64)
@@ -275,6 +281,9 @@ LAYERS = [
     "conv2d-all",
     "conv2d-all-nobias",
     "conv3d",
+    "conv2d-1x1",
+    "conv2d-1x1-g3-nobias",
+    "conv1d-1x1-d2",
 ]
 
 
@@ -845,3 +854,25 @@ def test_batchnorm_folding() -> None:
     # without folding BN would need a rule: relevance differs from the folded one (test can fail)
     e_eps = lrp.Explainer(model, composite="epsilon", epsilon=0.5)(x, target=e.target)
     assert (e_eps.relevance - e.relevance).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Conv2d(6, 9, 1, groups=3), nn.Conv1d(4, 2, 1, dilation=3), nn.Conv3d(2, 4, 1),
+     nn.Conv2d(4, 6, 1, stride=2), nn.Conv2d(4, 6, 1, padding=1)],
+    ids=["2d-g3", "1d-d3", "3d", "2d-stride2", "2d-pad1"],
+)
+def test_linear_op_transpose_is_the_input_gradient(layer: nn.Module) -> None:
+    """LinearOp.transpose (a 1x1 convolution for pointwise layers, convolution_backward for the
+    others) equals autograd's input gradient of the same convolution."""
+    from lrp.ops import LinearOp
+
+    layer = layer.to(F64)
+    op = LinearOp(layer)
+    assert op.pointwise == (layer.stride[0] == 1 and layer.padding[0] == 0)
+    x = torch.randn(2, layer.in_channels, *([5] * (layer.weight.ndim - 2)), dtype=F64)
+    x.requires_grad_(True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, x, g)
+    assert_close(op.transpose(g, layer.weight.detach(), x), expected)

@@ -300,7 +300,8 @@ class AlphaBeta(LinearRule):
         return out
 
     def _den(self, layer, xp, w_a, b, nonnegative):
-        """op(x+, w_a) + b, stabilised for its known sign; the x- term is added by ``forward``."""
+        """op(x+, w_a) + b; a sum known to be >= 0 gets the stabiliser on its bias already (the
+        x- term is added by ``forward``, ``_stabilized`` finishes it)."""
         op = layer.op
         if nonnegative and self.stabilizer > 0:
             # the sign is known: the stabiliser rides on the bias of the convolution (no pass)

@@ -117,8 +117,14 @@ class Epsilon(LinearRule):
             z = saved[0] if source == "output" else layer.op(x, layer.folded_weight(), layer.bias)
             den = stabilize(z, self.epsilon)
         flat = None
-        if self.empty == "flat":  # stabilize() maps an exact 0 to +eps (or inf for eps = 0)
-            empty = den == (self.epsilon if self.epsilon > 0 else float("inf"))
+        if self.empty == "flat":
+            if source == "den":  # stabilize() maps 0 to +eps (inf for eps = 0), and so a z
+                # within eps * 2^-24 of 0, which rounds there (float32)
+                empty = den == (self.epsilon if self.epsilon > 0 else float("inf"))
+            elif z.device.type == "cpu" and int(torch.count_nonzero(z)) == z.numel():
+                empty = None  # one count (no mask) settles the usual case on the CPU
+            else:
+                empty = z == 0
             flat = _flat_fallback(layer, empty, relevance, x)
         r = layer.linear_transpose(torch.div(relevance, den, out=den), x).mul_(x)
         return r if flat is None else r.add_(flat)

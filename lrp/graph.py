@@ -28,6 +28,7 @@ docs/ENGINE_API.md "Which operation gets which rule"):
 from __future__ import annotations
 
 import contextvars
+import inspect
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,15 +45,16 @@ from torchvision.ops import stochastic_depth
 from .canonizers import BATCHNORM_TYPES, LINEAR_TYPES, batchnorm_affine, can_fold, materialize_fold
 from .composites import Composite
 from .errors import InvalidInputError, UnsupportedLayerError, UnsupportedOperationError
-from .layers import FunctionModule, LinearRuleLayer, ModuleRuleLayer
+from .layers import FunctionModule, FunctionRuleLayer, LinearRuleLayer, ModuleRuleLayer
+from .ops import PrePadding, stock_linear_forward, with_pre_padding
 from .rules import attention
 from .rules.base import ModuleRule, Pass, Rule
-from .rules.elementwise import bias_add, gate, passthrough_of
+from .rules.elementwise import bias_add, gate, held_constant_of, passthrough_of
 from .rules.linear import LinearRule
 from .rules.normalization import AffineEpsilon, GroupNormRule, LayerNormRule
 from .rules.pooling import Proportional
 from .rules.residual import ResidualMerge
-from .tracing import Traced, scope, source, trace
+from .tracing import LEAF_FUNCTIONS, LIBRARY_PADS, Traced, scope, source, trace
 
 # ------------------------------------------------------------------ the operation table
 # Modules whose ordinary gradient already is the rule: max-pools (winner takes all), reshapes,
@@ -75,8 +77,21 @@ GRADIENT_MODULES = (
     nn.ChannelShuffle,
     nn.PixelShuffle,
     nn.PixelUnshuffle,
+    nn.ConstantPad1d,  # ZeroPad*d are ConstantPad*d
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
 )
 MAXPOOL_MODULES = GRADIENT_MODULES[:6]
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Element-wise activations: relevance passes unchanged (METHOD.md section 1; Zennit does the same).
 PASS_MODULES = (
     nn.ReLU,
@@ -147,7 +162,9 @@ GRADIENT_FUNCTIONS: set[Any] = {
     F.dropout3d,
     F.alpha_dropout,
     stochastic_depth,
+    F.unfold,  # sliding windows (copies): the gradient sums relevance over the copies
     swin_transformer._patch_merging_pad,  # fx-wrapped in torchvision: pad, strided slices, cat
+    *LEAF_FUNCTIONS,  # library pads traced as one call (timm's TF 'same' padding, lrp.tracing)
 }
 MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
@@ -177,6 +194,7 @@ GRADIENT_METHODS = {
     "repeat",
     "to",
     "type_as",
+    "unfold",  # sliding windows (views that overlap): the gradient sums over the copies
     "float",
     "double",
     "clone",
@@ -204,7 +222,17 @@ PASS_FUNCTIONS: set[Any] = {
     torch.clamp,
     torch.clamp_min,
 }
+PASS_FUNCTIONS |= {F.normalize}  # x / ||x|| with the norm held constant (as LayerNorm's sigma)
 PASS_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clamp_min", "hardswish", "gelu"}
+# Normalisation statistics of input-dependent tensors (GRN's ||x||, a hand-written norm's std):
+# held constant, as LayerNorm's sigma (Ali et al. 2022): their value is computed, detached, and
+# what is made of them only scales or shifts the signal.
+STATISTIC_FUNCTIONS: set[Any] = {
+    torch.norm, torch.linalg.norm, torch.linalg.vector_norm, torch.std, torch.var,
+}
+STATISTIC_METHODS = {"norm", "std", "var"}
+# Fused arithmetic decomposed into + and * before the rules are assigned.
+FUSED_ARITHMETIC = {"addcmul": operator.mul, "addcdiv": operator.truediv}
 GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus}
 POOL_FUNCTIONS = {
@@ -218,6 +246,13 @@ POOL_FUNCTIONS = {
     torch.sum,
 }
 POOL_METHODS = {"mean": torch.mean, "sum": torch.sum}
+# Resampling: nearest copies inputs (the gradient moves relevance, summed over the copies); the
+# other modes are fixed linear maps (bilinear, bicubic, area weights): the sum rule, as pools.
+INTERPOLATE_FUNCTIONS: set[Any] = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
+NEAREST_MODES = ("nearest", "nearest-exact")
+# Softmax outputs: a gate when they multiply a signal element-wise (selective kernel, split
+# attention); attention weights when a matmul reads them.
+SOFTMAX_FUNCTIONS: set[Any] = {F.softmax, torch.softmax}
 ADD = {operator.add, operator.iadd, torch.add}
 SUB = {operator.sub, operator.isub, torch.sub, torch.subtract}
 MUL = {operator.mul, operator.imul, torch.mul, torch.multiply}
@@ -366,8 +401,13 @@ class Prepared:
 
 def prepare(model: nn.Module, settings: GraphSettings) -> Prepared:
     """Build the prepared copy from ``model`` (already the explainer's private eval-mode copy)."""
-    leaf_paths = [k for k in settings.composite.rules if isinstance(k, str)]
-    return _Builder(model, trace(model, leaf_paths), settings).build()
+    keys = settings.composite.rules
+    leaf_paths = [k for k in keys if isinstance(k, str)]
+    # a module type the composite names is one layer with that rule (exact type: a subclass
+    # that overrides forward, e.g. timm's Conv2dSame for nn.Conv2d, is still traced through)
+    leaf_types = [t for k in keys if not isinstance(k, str)
+                  for t in (k if isinstance(k, tuple) else (k,))]
+    return _Builder(model, trace(model, leaf_paths, leaf_types), settings).build()
 
 
 class _Builder:
@@ -444,7 +484,7 @@ class _Builder:
         for node in self.graph.nodes:
             if node.op not in ("call_module", "call_function", "call_method"):
                 continue
-            if _shape_query(node):
+            if _shape_query(node) or getattr(node.target, "held_constant", False):
                 continue
             if any(a in dep for a in node.all_input_nodes):
                 dep.add(node)
@@ -471,6 +511,19 @@ class _Builder:
 
         return fx.node.map_arg(arg, value)
 
+    def reads_input(self, arg: Any) -> bool:
+        """Whether an argument that carries no relevance is still computed from the input (a
+        shape query): it is then only known when the model runs."""
+        stack, seen = list(_iter_nodes(arg)), set()
+        while stack:
+            n = stack.pop()
+            if n is self.input:
+                return True
+            if n not in seen:
+                seen.add(n)
+                stack.extend(n.all_input_nodes)
+        return False
+
     def unsupported(self, node: fx.Node, what: str) -> UnsupportedOperationError:
         return UnsupportedOperationError(
             f"{what} at {self.where(node)}: the engine has no LRP rule for it and will not fall "
@@ -481,9 +534,14 @@ class _Builder:
 
     # ---------------------------------------------------------------- passes
     def build(self) -> Prepared:
+        self.functionalize()
+        self.decompose()
+        self.hold_statistics()
+        self.index = {n: i for i, n in enumerate(self.graph.nodes)}
         self.kinds = {n: _kind(n, self) for n in self.graph.nodes}
         self.dep = self.dependent()
         self.functional_layers()
+        self.fuse_padding()
         if self.s.composite.fold_batchnorm:
             self.fold_batchnorms()
         self.first_node = next(
@@ -513,6 +571,65 @@ class _Builder:
         gm.eval()
         return Prepared(gm, self.rules, first_path, first_module)
 
+    def functionalize(self) -> None:
+        """In-place tensor operations (``out.mul_(g)`` whose result is not used, ``F.relu(x,
+        inplace=True)``, ``x += y``) change their first argument: every later reader of that
+        tensor reads the operation's result instead. The rules then run out of place and the
+        prepared copy computes what the model computes (timm's NF-ResNets scale the residual
+        branch by ``out.mul_(skipinit_gain)``; torch.fx records that as a node nobody reads)."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for node in list(self.graph.nodes):
+            target = node.args[0] if node.args else None
+            if not isinstance(target, fx.Node) or not _inplace(node):
+                continue
+            for user in list(target.users):
+                if user is not node and order[user] > order[node]:
+                    user.replace_input_with(target, node)
+
+    def decompose(self) -> None:
+        """``torch.addcmul(a, b, c, value=v)`` / ``addcdiv`` (and the methods) become
+        ``a + (b * c) * v`` / ``a + (b / c) * v``, so each part gets its rule (ResMLP's
+        ``Affine``, ConvNeXt-V2's GRN: ``addcmul(bias, weight, x)`` is a scaling and a bias)."""
+        for node in list(self.graph.nodes):
+            name = (_method(node) if node.op == "call_method" else
+                    getattr(node.target, "__name__", "") if node.target in (
+                        torch.addcmul, torch.addcdiv) else "")
+            if name not in FUSED_ARITHMETIC:
+                continue
+            fn = getattr(torch, name)
+            k = _call_kwargs(fn, node.args, node.kwargs) or {}
+            if not {"input", "tensor1", "tensor2"} <= set(k):
+                continue
+            with self.graph.inserting_before(node):
+                part = self.graph.call_function(FUSED_ARITHMETIC[name], (k["tensor1"], k["tensor2"]))
+                parts = [part]
+                if k.get("value", 1) != 1:
+                    part = self.graph.call_function(operator.mul, (part, k["value"]))
+                    parts.append(part)
+                new = self.graph.call_function(operator.add, (k["input"], part))
+            for n in (*parts, new):
+                n.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            self.graph.erase_node(node)
+            self.outputs = [(p, new if n is node else n) for p, n in self.outputs]
+
+    def hold_statistics(self) -> None:
+        """Norms, standard deviations and variances computed from the input become detached
+        calls (:func:`held_constant_of`); :meth:`dependent` then counts them, and what is made
+        of them alone, as constants: dividing or multiplying the signal by them is a scaling."""
+        for node in list(self.graph.nodes):
+            if node.op == "call_method" and _method(node) in STATISTIC_METHODS:
+                fn: Any = getattr(torch.Tensor, _method(node))
+            elif node.op == "call_function" and node.target in STATISTIC_FUNCTIONS:
+                fn = node.target
+            else:
+                continue
+            with self.graph.inserting_before(node):
+                new = self.graph.call_function(held_constant_of(fn), node.args, node.kwargs)
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            self.graph.erase_node(node)
+
     def functional_layers(self) -> None:
         """``F.linear``/``F.conv*``/``F.*_norm`` with constant parameters become modules sharing
         those tensors, so the layer rules and BatchNorm folding treat them like modules."""
@@ -521,10 +638,7 @@ class _Builder:
                 continue
             if node not in self.dep:
                 continue
-            norm = normalize_function(
-                node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
-            )
-            kwargs = dict(norm.kwargs) if norm is not None else {}
+            kwargs = _call_kwargs(node.target, node.args, node.kwargs) or {}
             x = kwargs.pop("input", None)
             if not isinstance(x, fx.Node) or any(a in self.dep for a in _iter_nodes(kwargs)):
                 raise self.unsupported(
@@ -540,6 +654,66 @@ class _Builder:
             self.kinds[new] = ("module", type(module))
             self.dep.add(new)
             self.replace(node, new)
+
+    def zero_padding(self, node: fx.Node) -> PrePadding | None:
+        """The zeros ``node`` adds around its input, if it is a constant-zero pad (``F.pad``, a
+        ``ZeroPad``/``ConstantPad`` module with value 0, a library's 'same' pad)."""
+        if node.op == "call_module":
+            m = self.module(node)
+            if type(m).forward is not nn.ConstantPad2d.forward or not isinstance(
+                m, nn.ConstantPad1d | nn.ConstantPad2d | nn.ConstantPad3d) or m.value != 0:
+                return None
+            return tuple(m.padding)
+        if node.op != "call_function" or self.reads_input((node.args[1:], node.kwargs)):
+            return None
+        if node.target in LIBRARY_PADS:
+            args, kwargs = self.constant((node.args[1:], node.kwargs))
+            return LIBRARY_PADS[node.target](None, *args, **kwargs)
+        if node.target is not F.pad:
+            return None
+        k = _call_kwargs(F.pad, (None, *node.args[1:]), dict(node.kwargs)) or {}
+        k = self.constant({name: v for name, v in k.items() if name != "input"})
+        if k.get("mode", "constant") != "constant" or k.get("value") not in (None, 0):
+            return None
+        return tuple(int(v) for v in k["pad"])
+
+    def fuse_padding(self) -> None:
+        """A zero pad whose only reader is a convolution becomes that layer's pre-padding
+        (:mod:`lrp.ops`): padded positions are no inputs, so the flat, w^2, z+-with-ones and
+        z^B rules spread nothing onto them (as onto the convolution's own padding), which they
+        would if the pad stayed a separate (gradient) step before the layer."""
+        uses: dict[str, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                uses[str(node.target)] = uses.get(str(node.target), 0) + 1
+        for node in list(self.graph.nodes):
+            if node.op != "call_module" or node not in self.dep or uses[str(node.target)] != 1:
+                continue
+            conv, pad = self.module(node), node.args[0] if node.args else None
+            if not (isinstance(conv, CONV_TYPES) and _stock_forward_of(conv)
+                    and conv.padding_mode == "zeros" and getattr(conv, "pre_padding", None) is None
+                    and isinstance(pad, fx.Node) and pad in self.dep
+                    and pad.op in ("call_module", "call_function") and pad.args
+                    and isinstance(pad.args[0], fx.Node) and self.value_users(pad) == 1):
+                continue
+            padding = self.zero_padding(pad)
+            dims = conv.weight.ndim - 2
+            if isinstance(padding, tuple):
+                if len(padding) > 2 * dims or len(padding) % 2:
+                    continue
+                padding = padding + (0,) * (2 * dims - len(padding))
+                if not any(padding):
+                    padding = None
+            elif padding is not None and len(padding.kernel_size) != dims:
+                continue
+            if padding is None:
+                continue
+            self.set_module(str(node.target), with_pre_padding(conv, padding))
+            node.args = (pad.args[0], *node.args[1:])
+            self.outputs = [(p, n) for p, n in self.outputs if n is not pad]
+            if not pad.users:
+                self.graph.erase_node(pad)
+                self.dep.discard(pad)
 
     def fold_batchnorms(self) -> None:
         uses: dict[str, int] = {}
@@ -582,9 +756,7 @@ class _Builder:
                          getattr(m, "padding", None), getattr(m, "dilation", 1))
                 return node if _is_stem_pool(*hyper) else None
             if node.op == "call_function" and node.target in MAXPOOL_FUNCTIONS:
-                norm = normalize_function(node.target, node.args, node.kwargs,
-                                          normalize_to_only_use_kwargs=True)
-                k = norm.kwargs if norm is not None else {}
+                k = _call_kwargs(node.target, node.args, node.kwargs) or {}
                 hyper = (k.get("kernel_size"), k.get("stride"), k.get("padding", 0),
                          k.get("dilation", 1))
                 return node if _is_stem_pool(*hyper) else None
@@ -613,6 +785,8 @@ class _Builder:
             return Pass()
         if isinstance(module, POOL_MODULES):
             return self.proportional()
+        if isinstance(module, nn.Upsample):
+            return None if module.mode in NEAREST_MODES else self.proportional()
         if isinstance(module, nn.LocalResponseNorm):
             return self.s.lrn_rule
         eps, zero_bias = self.options["epsilon"], self.options["zero_bias"]
@@ -638,10 +812,18 @@ class _Builder:
 
     def wrap_module(self, node: fx.Node) -> None:
         target = str(node.target)
+        module = self.module(node)
+        if (isinstance(module, nn.Softmax) and self.path(node) not in self.s.composite.rules
+                and not self.is_final(node)):  # inside the model: as F.softmax there
+            with self.graph.inserting_before(node):
+                call = self.graph.call_function(F.softmax, (node.args[0], module.dim))
+            self.kinds[call] = ("function", F.softmax)
+            self.dep.add(call)
+            self.replace(node, call)
+            return self.to_attention(call, attention.softmax)
         if target in self.wrapped:
             return
         self.wrapped.add(target)
-        module = self.module(node)
         path = self.path(node)
         if isinstance(module, ResidualMerge | LinearRuleLayer | ModuleRuleLayer):
             return
@@ -661,6 +843,14 @@ class _Builder:
             if not isinstance(module, LINEAR_TYPES):
                 raise UnsupportedLayerError(
                     f"{rule!r} needs a Linear/Conv layer, but '{path}' is {type(module).__name__}"
+                )
+            if not stock_linear_forward(module):
+                raise UnsupportedLayerError(
+                    f"'{path}' is a {type(module).__name__} whose forward is not "
+                    f"{type(module).__mro__[1].__name__}'s (it computes its weight or pads "
+                    "itself); a linear rule would run the plain layer instead. Leave its path and "
+                    "type out of the composite: the engine then traces its forward and gives the "
+                    "layer call inside it the composite's rule for nn.Linear/nn.ConvNd."
                 )
             scale, bias = fold if fold is not None else (None, None)
             wrapped: nn.Module = LinearRuleLayer(
@@ -691,9 +881,7 @@ class _Builder:
             if self.is_final(node):
                 raise self.softmax_error(node)
             target = F.softmax if node.op == "call_method" else node.target
-            norm = normalize_function(target, node.args, node.kwargs,
-                                      normalize_to_only_use_kwargs=True)
-            k = dict(norm.kwargs) if norm is not None else {}
+            k = _call_kwargs(target, node.args, node.kwargs) or {}
             x = k.pop("input", node.args[0])
             args, kwargs = (x, k.get("dim", -1)), {"mode": mode, "dtype": k.get("dtype")}
         else:
@@ -731,8 +919,6 @@ class _Builder:
     def to_window_attention(self, node: fx.Node) -> None:
         """torchvision Swin's fx-wrapped ``shifted_window_attention`` (V1 and V2): a module running
         it op by op with the engine's rules (:class:`attention.ShiftedWindowAttentionLRP`)."""
-        import inspect
-
         bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
         bound.apply_defaults()
         a = dict(bound.arguments)
@@ -808,6 +994,10 @@ class _Builder:
                 return
             if fn in PASS_FUNCTIONS:
                 return self.to_passthrough(node, fn)
+            if fn in INTERPOLATE_FUNCTIONS:
+                if _interpolation_mode(node) in NEAREST_MODES:
+                    return  # copies of inputs: the gradient sums relevance over the copies
+                return self.to_module_rule(node, fn, self.proportional())
             if fn in POOL_FUNCTIONS:
                 return self.to_module_rule(node, fn, self.proportional())
             if fn in attention.FUNCTIONS:
@@ -851,15 +1041,19 @@ class _Builder:
             isinstance(a, fx.Node) and a in self.dep for a in (*rest, *node.kwargs.values())
         ):
             raise self.unsupported(node, f"'{_op_name(node)}' of several input-dependent tensors")
-        args = self.constant(tuple(rest))
-        kwargs = self.constant(dict(node.kwargs))
         assert isinstance(rule, ModuleRule)
-        layer = ModuleRuleLayer(FunctionModule(fn, args, kwargs), rule)
+        if self.reads_input((rest, node.kwargs)):  # e.g. a size taken from a tensor's shape
+            layer: nn.Module = FunctionRuleLayer(fn, rule)
+            inputs, kwargs = (x, *rest), dict(node.kwargs)
+        else:
+            args = self.constant(tuple(rest))
+            layer = ModuleRuleLayer(FunctionModule(fn, args, self.constant(dict(node.kwargs))), rule)
+            inputs, kwargs = (x,), {}
         target = self.new_target(layer, node)
         layer.path = self.display[target]
         self.rules[layer.path] = rule
         with self.graph.inserting_before(node):
-            new = self.graph.call_module(target, (x,))
+            new = self.graph.call_module(target, inputs, kwargs)
         self.kinds[new] = ("function", fn)
         self.dep.add(new)
         self.replace(node, new)
@@ -950,15 +1144,17 @@ class _Builder:
             kind = self.kinds.get(node)
             if kind is None:
                 return False
-            if kind[0] == "module":
-                return issubclass(kind[1], GATE_MODULES)
-            if kind[0] == "function" and kind[1] in GATE_FUNCTIONS:
+            if kind[0] == "module" and issubclass(kind[1], (*GATE_MODULES, nn.Softmax)):
                 return True
-            if kind[0] == "method" and kind[1] in ("sigmoid", "hardsigmoid"):
+            if kind[0] == "function" and kind[1] in GATE_FUNCTIONS | SOFTMAX_FUNCTIONS:
+                return True
+            if kind[0] == "method" and kind[1] in ("sigmoid", "hardsigmoid", "softmax"):
+                return True
+            if kind == ("attention", attention.softmax):  # a softmax the graph pass rewrote
                 return True
             reshaping = (kind[0] == "method" and kind[1] in GRADIENT_METHODS) or (
-                kind[0] == "function" and kind[1] in GRADIENT_FUNCTIONS
-            )
+                kind[0] == "function" and kind[1] in GRADIENT_FUNCTIONS | INTERPOLATE_FUNCTIONS
+            ) or (kind[0] == "module" and issubclass(kind[1], nn.Upsample))
             if not reshaping or not isinstance(node.args[0], fx.Node):
                 return False
             node = node.args[0]
@@ -1024,14 +1220,18 @@ class _Builder:
                     layer_inputs[id(m)] = layer_inputs.get(id(m), True) and first
                     m.input_nonnegative = layer_inputs[id(m)]
                 elif isinstance(m, ResidualMerge):
-                    m.nonnegative = tuple(nonneg.get(a, False) for a in node.args)
+                    # the shares read the signed terms c_i h_i: h_i >= 0 is c_i h_i >= 0 only
+                    # for c_i > 0 (``pool(x) - x`` after a ReLU: -x <= 0)
+                    m.nonnegative = tuple(nonneg.get(a, False) and c > 0
+                                          for a, c in zip(node.args, m.coefficients, strict=True))
                     value = all(m.nonnegative) and all(c > 0 for c in m.coefficients)
                 else:
                     inner = m.module if isinstance(m, ModuleRuleLayer) else m
                     if isinstance(inner, NONNEG_MODULES):
                         value = True
                     elif isinstance(inner, SIGN_KEEPING_MODULES) or (
-                        isinstance(inner, FunctionModule) and inner.fn in POOL_FUNCTIONS
+                        isinstance(inner, FunctionModule | FunctionRuleLayer)
+                        and inner.fn in POOL_FUNCTIONS
                     ):
                         value = first
             elif node.op == "call_function":
@@ -1111,9 +1311,71 @@ def _shape_query(node: fx.Node) -> bool:
     return False
 
 
+INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _inplace(node: fx.Node) -> bool:
+    """Whether ``node`` writes its result into its first argument."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_")
+    if node.op != "call_function":
+        return False
+    if node.target in INPLACE_OPERATORS:
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True
+    name = getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):  # torch.relu_, F.relu_, F.elu_
+        return True
+    if node.target in PASS_FUNCTIONS and len(node.args) > 1:  # F.relu(x, True)
+        return (_call_kwargs(node.target, node.args, {}) or {}).get("inplace") is True
+    return False
+
+
+def _stock_forward_of(conv: nn.Module) -> bool:
+    return any(type(conv).forward is t.forward for t in CONV_TYPES)
+
+
+def _interpolation_mode(node: fx.Node) -> str:
+    if node.target is F.upsample_nearest:
+        return "nearest"
+    if node.target is F.upsample_bilinear:
+        return "bilinear"
+    return str((_call_kwargs(node.target, node.args, node.kwargs) or {}).get("mode", "nearest"))
+
+
 def _training_flag(node: fx.Node) -> bool:
-    norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    return bool(norm is not None and norm.kwargs.get("training", False))
+    return bool((_call_kwargs(node.target, node.args, node.kwargs) or {}).get("training", False))
+
+
+# Parameter names of builtins whose overloads fx's schema matching can find ambiguous
+# (``F.conv2d(x, w, groups=c)`` with no padding given: str or int padding).
+_BUILTIN_PARAMETERS: dict[Any, tuple[str, ...]] = {
+    F.linear: ("input", "weight", "bias"),
+    torch.addcmul: ("input", "tensor1", "tensor2"),
+    torch.addcdiv: ("input", "tensor1", "tensor2"),
+    **{fn: ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+       for fn in (F.conv1d, F.conv2d, F.conv3d)},
+}
+
+
+def _call_kwargs(target: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """A call's arguments by parameter name (None: unknown)."""
+    try:
+        norm = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+    except RuntimeError:  # fx found the overload ambiguous: bind by the names above
+        norm = None
+    if norm is not None:
+        return dict(norm.kwargs)
+    names = _BUILTIN_PARAMETERS.get(target)
+    if names is not None and len(args) <= len(names):
+        return {**dict(zip(names, args, strict=False)), **kwargs}
+    try:
+        bound = inspect.signature(target).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    return dict(bound.arguments)
 
 
 def _kind(node: fx.Node, builder: _Builder) -> tuple[str, Any] | None:

@@ -214,3 +214,21 @@ class FunctionModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"fn={getattr(self.fn, '__name__', self.fn)}, args={self.args}, kwargs={self.kwargs}"
+
+
+class FunctionRuleLayer(nn.Module):
+    """``fn(x, *args, **kwargs)`` under a ModuleRule, with ``args``/``kwargs`` given at run time:
+    for a functional call whose other arguments the model computes from a tensor's shape
+    (``F.avg_pool2d(x, x.shape[2:])``, ``F.interpolate(x, size=y.shape[-2:])``)."""
+
+    def __init__(self, fn: Any, rule: ModuleRule, path: str = "") -> None:
+        super().__init__()
+        self.fn = fn
+        self.rule = rule
+        self.path = path
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return ModuleRuleLayer(FunctionModule(self.fn, args, kwargs), self.rule, self.path)(x)
+
+    def extra_repr(self) -> str:
+        return f"fn={getattr(self.fn, '__name__', self.fn)}, rule={self.rule!r}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import traceback
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import UnresolvedStructureError
+from .ops import SamePadding
 
 # Module types with a rule or an exact gradient, when their forward is the stock one. A subclass
 # that overrides forward (torchvision's LayerNorm2d, timm's BatchNormAct2d) is traced through, so
@@ -40,6 +41,33 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _ENGINE_DIR = os.path.dirname(__file__)
 
 _USER_CONTAINERS: list[type[nn.Module]] = []
+
+
+def _library_pads() -> dict[Any, Callable[..., SamePadding | None]]:
+    """Library padding helpers traced as one call: they compute the padding from the input's
+    size with Python arithmetic that symbolic tracing cannot follow. Each maps to the
+    :class:`SamePadding` it adds (None: not zeros); a pad moves relevance (its gradient), and
+    the graph pass fuses a zero pad into the convolution that reads it.
+
+    - timm's ``pad_same(x, kernel_size, stride, dilation=(1, 1), value=0)``: TensorFlow 'SAME'
+      padding of ``Conv2dSame``/``MaxPool2dSame``/``AvgPool2dSame`` (every ``tf_*`` model).
+    """
+    try:
+        from timm.layers.padding import pad_same
+    except ImportError:  # timm is optional
+        return {}
+
+    def timm_same(x: Any, kernel_size: Any, stride: Any, dilation: Any = (1, 1),
+                  value: float = 0) -> SamePadding | None:
+        if value != 0:
+            return None
+        return SamePadding(*(tuple(int(v) for v in a) for a in (kernel_size, stride, dilation)))
+
+    return {pad_same: timm_same}
+
+
+LIBRARY_PADS = _library_pads()
+LEAF_FUNCTIONS: tuple[Any, ...] = tuple(LIBRARY_PADS)
 
 
 def register_container(cls: type[nn.Module]) -> type[nn.Module]:
@@ -66,14 +94,17 @@ class Traced:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaf_paths: Collection[str]) -> None:
-        super().__init__()
+    def __init__(self, leaf_paths: Collection[str], leaf_types: Collection[type] = ()) -> None:
+        super().__init__(autowrap_functions=LEAF_FUNCTIONS)
         self.record_stack_traces = True
         self.leaf_paths = set(leaf_paths)
+        self.leaf_types = set(leaf_types)
         self.outputs: list[tuple[str, fx.Node]] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaf_paths or _stock_forward(m):
+        if module_qualified_name in self.leaf_paths or _stock_forward(m) or (
+            type(m) in self.leaf_types
+        ):
             return True
         if isinstance(m, _CONTAINERS) or any(type(m) is c for c in _USER_CONTAINERS):
             return False
@@ -127,9 +158,14 @@ def user_frame(tb: Any) -> str:
     return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
 
 
-def trace(model: nn.Module, leaf_paths: Collection[str] = ()) -> Traced:
-    """Trace ``model`` (its root forward included); errors name the module and source line."""
-    tracer = _Tracer(leaf_paths)
+def trace(
+    model: nn.Module, leaf_paths: Collection[str] = (), leaf_types: Collection[type] = ()
+) -> Traced:
+    """Trace ``model`` (its root forward included); errors name the module and source line.
+
+    Modules at ``leaf_paths`` and modules whose type is exactly one of ``leaf_types`` (the paths
+    and types a composite names) stay one node each."""
+    tracer = _Tracer(leaf_paths, leaf_types)
     try:
         graph = tracer.trace(model, concrete_args=_concrete_args(model) or None)
     except UnresolvedStructureError:

@@ -10,7 +10,10 @@ scaling and shifting by constants, and gating.
   layer bias does; ``zero_bias=True`` leaves it out of the denominator (``R_x = R``);
 - ``signal * gate`` (squeeze-excitation): all relevance goes to the signal and the gate is a
   constant. The gate only rescales the signal's channels; it contributes no evidence of its own,
-  and the rule is conservative (METHOD.md section 5).
+  and the rule is conservative (METHOD.md section 5);
+- a normalisation statistic of the input (a norm, standard deviation or variance: GRN's
+  ``||x||``) is held constant, as LayerNorm's sigma (Ali et al. 2022): no relevance enters it,
+  and scaling the signal by it passes relevance.
 """
 
 from __future__ import annotations
@@ -102,3 +105,17 @@ class _Gate(torch.autograd.Function):
 def gate(signal: Tensor, gate: Tensor) -> Tensor:
     """``signal * gate``: all relevance to the signal, none to the gate (see module docstring)."""
     return _Gate.apply(signal, gate)
+
+
+@functools.cache
+def held_constant_of(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` (a norm, standard deviation or variance of the input) computed and detached: a
+    normalisation statistic held constant, as LayerNorm's sigma (Ali et al. 2022). Dividing or
+    multiplying the signal by it is then a scaling (relevance passes); no relevance enters it."""
+
+    def call(*args: Any, **kwargs: Any) -> Tensor:
+        return fn(*args, **kwargs).detach()
+
+    call.__name__ = call.__qualname__ = f"lrp_held_{getattr(fn, '__name__', 'fn')}"
+    call.held_constant = True  # type: ignore[attr-defined]
+    return call

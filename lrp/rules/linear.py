@@ -13,16 +13,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Rule, check_share, stabilize
 
 if TYPE_CHECKING:
     from ..layers import LinearRuleLayer
-
-
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _pos(t: Tensor | None) -> Tensor | None:
@@ -221,7 +217,7 @@ def _flat_transpose(layer: LinearRuleLayer, g: Tensor, x: Tensor) -> Tensor:
     if op.kind == "linear":
         j = x.shape[-1]
         return (g.sum(-1, keepdim=True) / j).expand(x.shape)
-    groups, dims = op.groups, op.dims
+    groups = op.groups
     c_in = x.shape[1]
     kernel = tuple(layer.weight.shape[2:])
     key = ("flat-counts", tuple(x.shape[2:]), x.device, x.dtype)
@@ -229,23 +225,13 @@ def _flat_transpose(layer: LinearRuleLayer, g: Tensor, x: Tensor) -> Tensor:
     box = torch.ones((1, 1, *kernel), device=x.device, dtype=x.dtype)
     if counts is None:  # inputs per output position, once per input shape
         ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
-        taps = _CONV_FN[dims](ones, box, None, op.stride, op.padding, op.dilation)
+        taps = op.conv(ones, box, groups=1)
         counts = layer.cache[key] = (taps * (c_in // groups)).clamp_(min=1)
     n = g.shape[0]
     per_group = (g / counts).view(n, groups, -1, *g.shape[2:]).sum(2)  # (N, G, *out)
-    spread, _, _ = torch.ops.aten.convolution_backward(
-        per_group,
-        x.new_empty(()).expand(n, groups, *x.shape[2:]),
-        box.expand(groups, 1, *kernel),
-        None,
-        op.stride,
-        op.padding,
-        op.dilation,
-        False,
-        (0,) * dims,
-        groups,
-        (True, False, False),
-    )
+    spread = op.transpose(
+        per_group, box.expand(groups, 1, *kernel), x.new_empty(()).expand(n, groups, *x.shape[2:]),
+        groups=groups)
     return spread.unsqueeze(2).expand(n, groups, c_in // groups, *x.shape[2:]).reshape(x.shape)
 
 

@@ -22,6 +22,7 @@ from .rules import lrn as lrn_rules
 from .rules.attention import MODES as ATTENTION_MODES
 from .rules.base import Rule
 from .rules.residual import resolve_mode
+from .tracing import TraceFailure
 
 OUTPUTS = ("logit", "probability")
 
@@ -91,6 +92,8 @@ class Explainer:
         self.model = model
         self._fingerprint: tuple | None = None
         self._prepared: nn.Module | None = None
+        # the input shape the prepared copy holds, for a model traced with its shapes known
+        self._shape: tuple[int, ...] | None = None
         self.rules: dict[str, Rule] = {}
         self.first_layer: str | None = None
         self._first_module: nn.Module | None = None
@@ -100,11 +103,18 @@ class Explainer:
         tensors = [*self.model.parameters(), *self.model.buffers()]
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
-    def prepared_model(self) -> nn.Module:
-        """The prepared copy (rebuilt if the user's model changed since the last call)."""
+    def prepared_model(self, x: Tensor | None = None) -> nn.Module:
+        """The prepared copy (rebuilt if the user's model changed since the last call).
+
+        A forward that torch.fx can only follow with the input's shapes known (Python control
+        flow on sizes: timm's VGG head, MobileViT) is traced with ``x`` (the explainer passes
+        its input) and the copy is rebuilt for each new input shape; without ``x`` such a model
+        raises :class:`lrp.UnresolvedStructureError` until a copy exists.
+        """
         fingerprint = self._model_fingerprint()
-        if self._prepared is None or fingerprint != self._fingerprint:
-            self._prepared = self._prepare()
+        new_shape = self._shape is not None and x is not None and tuple(x.shape) != self._shape
+        if self._prepared is None or fingerprint != self._fingerprint or new_shape:
+            self._prepared = self._prepare(x)
             self._fingerprint = fingerprint
         return self._prepared
 
@@ -112,7 +122,7 @@ class Explainer:
         """Rebuild the prepared copy on the next call (after edits autograd cannot see)."""
         self._prepared = None
 
-    def _prepare(self) -> nn.Module:
+    def _prepare(self, x: Tensor | None = None) -> nn.Module:
         if self.model.training:
             warnings.warn(
                 f"{type(self.model).__name__} is in training mode; LRP explains its eval-mode "
@@ -122,12 +132,34 @@ class Explainer:
         # the copy shares the user's parameter and buffer tensors (read-only here: folding and the
         # rules make new tensors), so preparing costs no second set of weights
         shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
-        model = copy.deepcopy(self.model, shared).eval()
-        disable_inplace(model)
+
+        def private_copy() -> nn.Module:
+            model = copy.deepcopy(self.model, shared).eval()
+            disable_inplace(model)
+            return model
+
         settings = GraphSettings(
             self.composite, self.residual, self.lrn_rule, self.cache_weights, self.attention
         )
-        prepared = prepare(model, settings)
+        prepared = None
+        if self._shape is None:
+            try:
+                prepared = prepare(private_copy(), settings)
+            except TraceFailure as err:
+                if x is None:
+                    raise TraceFailure(
+                        f"{err} (Calling the explainer with an input traces the model with the "
+                        "input's shapes known, which follows control flow on sizes.)"
+                    ) from err
+        if prepared is None:
+            if x is None:  # after refresh(): the copy is traced with the next call's input
+                raise TraceFailure(
+                    f"{type(self.model).__name__}'s forward can only be traced with the input's "
+                    "shapes known: call the explainer with an input"
+                )
+            example = x.detach().to(device=self.device, dtype=self.dtype or x.dtype).clone()
+            prepared = prepare(private_copy(), settings, example)
+            self._shape = tuple(x.shape)
         self.rules = prepared.rules
         self.first_layer = prepared.first_layer
         self._first_module = prepared.first_module
@@ -166,7 +198,9 @@ class Explainer:
             raise InvalidInputError(
                 "LRP needs autograd: call the explainer outside torch.inference_mode()"
             )
-        model = self.prepared_model()
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            self._check_input(x, validate)  # raises
+        model = self.prepared_model(x)
         x = self._check_input(x, validate)
         records: dict[str, Tensor] = {}
         taps: list[tuple[Tensor, int, str]] = []

@@ -399,15 +399,18 @@ class Prepared:
     first_module: nn.Module | None = None
 
 
-def prepare(model: nn.Module, settings: GraphSettings) -> Prepared:
-    """Build the prepared copy from ``model`` (already the explainer's private eval-mode copy)."""
+def prepare(
+    model: nn.Module, settings: GraphSettings, example: Tensor | None = None
+) -> Prepared:
+    """Build the prepared copy from ``model`` (already the explainer's private eval-mode copy);
+    with an ``example`` input, traced with its shapes known (valid for that shape only)."""
     keys = settings.composite.rules
     leaf_paths = [k for k in keys if isinstance(k, str)]
     # a module type the composite names is one layer with that rule (exact type: a subclass
     # that overrides forward, e.g. timm's Conv2dSame for nn.Conv2d, is still traced through)
     leaf_types = [t for k in keys if not isinstance(k, str)
                   for t in (k if isinstance(k, tuple) else (k,))]
-    return _Builder(model, trace(model, leaf_paths, leaf_types), settings).build()
+    return _Builder(model, trace(model, leaf_paths, leaf_types, example), settings).build()
 
 
 class _Builder:

@@ -128,6 +128,96 @@ class _Tracer(fx.Tracer):
         return out
 
 
+SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device", "is_cuda")
+_ORIGINAL_MODULE_METHODS = (nn.Module.__call__, nn.Module.__getattr__)
+SHAPE_METHODS = ("size", "dim", "numel")
+
+
+class _ShapeProxy(fx.Proxy):
+    """A proxy whose tensor's shape is known (:class:`_ShapeTracer`): shape queries, ``len`` and
+    unpacking give plain Python values; the tensor's values stay symbolic (control flow on them
+    still fails)."""
+
+    tracer: _ShapeTracer
+
+    def __getattr__(self, k: str) -> Any:
+        if k in SHAPE_ATTRIBUTES:
+            return getattr(self.tracer.values[self.node], k)
+        return super().__getattr__(k)
+
+    def __len__(self) -> int:
+        return len(self.tracer.values[self.node])
+
+    def __iter__(self) -> Any:
+        return (self[i] for i in range(len(self)))
+
+
+class _ShapeTracer(_Tracer):
+    """Traces with an example input, evaluating every operation on it as it is recorded, so
+    each tensor's shape is known while tracing: shape queries (``x.shape``, ``x.size()``,
+    ``len(x)``) return numbers and Python control flow on sizes (timm's VGG head, MobileViT's
+    and TinyViT's padding checks) runs as it does for that input. The graph then holds those
+    numbers: it is valid for inputs of the example's shape only. Control flow on tensor values
+    still fails."""
+
+    def __init__(self, leaf_paths: Collection[str], leaf_types: Collection[type],
+                 example: torch.Tensor) -> None:
+        super().__init__(leaf_paths, leaf_types)
+        self.example = example
+        self.values: dict[fx.Node, Any] = {}
+        self.placeholders = 0
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict,
+                     name: str | None = None, type_expr: Any = None,
+                     proxy_factory_fn: Any = None) -> Any:
+        if kind == "call_method" and target in SHAPE_METHODS and isinstance(args[0], fx.Proxy):
+            values = fx.node.map_aggregate((args, kwargs), self._value)
+            return getattr(values[0][0], target)(*values[0][1:], **values[1])
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                     proxy_factory_fn)
+        self.values[proxy.node] = self._evaluate(proxy.node)
+        return proxy
+
+    def _value(self, a: Any) -> Any:
+        return self.values[a.node] if isinstance(a, fx.Proxy) else a
+
+    def _node_value(self, node: fx.Node) -> Any:
+        if node not in self.values:  # fx makes get_attr nodes for tensor constants directly
+            self.values[node] = self._evaluate(node)
+        return self.values[node]
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        # while tracing, fx patches nn.Module.__call__/__getattr__ to record calls: run eagerly
+        patched = nn.Module.__call__, nn.Module.__getattr__
+        nn.Module.__call__, nn.Module.__getattr__ = _ORIGINAL_MODULE_METHODS  # type: ignore[method-assign]
+        try:
+            with torch.no_grad():
+                return self._run(node)
+        finally:
+            nn.Module.__call__, nn.Module.__getattr__ = patched  # type: ignore[method-assign]
+
+    def _run(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            self.placeholders += 1
+            return self.example if self.placeholders == 1 else (
+                node.args[0] if node.args else None)
+        if node.op == "get_attr":
+            obj: Any = self.root
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        args = fx.node.map_arg(node.args, self._node_value)
+        kwargs = fx.node.map_arg(node.kwargs, self._node_value)
+        if node.op == "call_module":
+            return self.root.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+
 def _concrete_args(model: nn.Module) -> dict[str, Any]:
     """Every forward parameter after the first must have a default: it is fixed to that value."""
     params = list(inspect.signature(model.forward).parameters.values())
@@ -158,14 +248,25 @@ def user_frame(tb: Any) -> str:
     return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
 
 
+class TraceFailure(UnresolvedStructureError):  # noqa: N818 (an UnresolvedStructureError)
+    """torch.fx could not trace a forward; with an example input (shapes known) it may."""
+
+
 def trace(
-    model: nn.Module, leaf_paths: Collection[str] = (), leaf_types: Collection[type] = ()
+    model: nn.Module,
+    leaf_paths: Collection[str] = (),
+    leaf_types: Collection[type] = (),
+    example: torch.Tensor | None = None,
 ) -> Traced:
     """Trace ``model`` (its root forward included); errors name the module and source line.
 
     Modules at ``leaf_paths`` and modules whose type is exactly one of ``leaf_types`` (the paths
-    and types a composite names) stay one node each."""
-    tracer = _Tracer(leaf_paths, leaf_types)
+    and types a composite names) stay one node each. With an ``example`` input the trace knows
+    every tensor's shape (:class:`_ShapeTracer`) and the graph is valid for that shape only."""
+    if example is None:
+        tracer: _Tracer = _Tracer(leaf_paths, leaf_types)
+    else:
+        tracer = _ShapeTracer(leaf_paths, leaf_types, example)
     try:
         graph = tracer.trace(model, concrete_args=_concrete_args(model) or None)
     except UnresolvedStructureError:
@@ -174,10 +275,11 @@ def trace(
         stack = list(tracer.module_stack)
         where = stack[-1] if stack and stack[-1] else "<root>"
         line = user_frame(err.__traceback__)
-        raise UnresolvedStructureError(
-            f"cannot follow the forward of the module at '{where}': torch.fx could not trace it "
-            f"({type(err).__name__}: {err}){' at ' + line if line else ''}. If that forward only "
-            "calls its children in registration order, decorate its class with "
+        shapes = " (with the input's shapes known)" if example is not None else ""
+        raise TraceFailure(
+            f"cannot follow the forward of the module at '{where}': torch.fx could not trace it"
+            f"{shapes} ({type(err).__name__}: {err}){' at ' + line if line else ''}. If that "
+            "forward only calls its children in registration order, decorate its class with "
             "lrp.register_container; or name the module in the composite with a rule, "
             "composite={..., '" + where + "': rule}, so it is treated as one layer."
         ) from err

@@ -436,3 +436,46 @@ def test_op_without_rule_names_it_and_a_module_type_in_the_composite_is_one_laye
         h = model[1](a).flatten(1)
     r_h = lrp0(model[3].weight, h, r)
     torch.testing.assert_close(got.flatten(1), lrp0(dense(model[0], (2, 2, 2)), x.flatten(1), r_h))
+
+
+# ------------------------------------------------------------------ control flow on sizes
+class SizeCheck(nn.Module):
+    """timm's VGG head: pools only when the map is larger than its kernel (Python control flow
+    on the input's size, which symbolic tracing cannot follow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.fc = nn.Linear(12, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.shape[-1] > 2:
+            x = F.adaptive_avg_pool2d(x, 2)
+        n, c, h, w = x.size()
+        return self.fc(x.reshape(n, c * h * w))
+
+
+def test_control_flow_on_sizes_is_traced_per_input_shape() -> None:
+    torch.manual_seed(12)
+    model = SizeCheck().double().eval()
+    explainer = lrp.Explainer(model, "lrp-0", stabilizer=0.0)
+    with pytest.raises(lrp.UnresolvedStructureError, match="with an input"):
+        explainer.prepared_model()  # no input yet: the sizes are unknown
+    for shape in [(2, 2, 6, 6), (2, 2, 2, 2), (3, 2, 6, 6)]:  # a new shape: a new copy
+        x = torch.randn(*shape, dtype=F64)
+        e = explainer(x)
+        torch.testing.assert_close(e.logits, model(x).detach())
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xg).gather(1, e.target[:, None]).sum(), xg)
+        torch.testing.assert_close(e.relevance, g * x)  # LRP-0 on a linear model
+    assert explainer.prepared_model() is explainer.prepared_model(x)  # the last shape's copy
+
+
+def test_control_flow_on_values_is_still_refused() -> None:
+    class Branchy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1) if x.sum() > 0 else -x.flatten(1)
+
+    with pytest.raises(lrp.UnresolvedStructureError, match=r"shapes known.*if x.sum\(\) > 0"):
+        lrp.Explainer(Branchy())(torch.randn(2, 3, dtype=F64))

@@ -1132,7 +1132,8 @@ class _Builder:
             raise self.unsupported(
                 node,
                 "a product of two input-dependent tensors that is not a gate (a gate is one "
-                "factor computed by a sigmoid/hard-sigmoid, as in squeeze-excitation)",
+                "factor computed by a sigmoid/hard-sigmoid, as in squeeze-excitation, or by a "
+                "softmax, as in selective-kernel attention)",
             )
         signal = b if gates[0] is a else a
         with self.graph.inserting_before(node):
@@ -1157,7 +1158,7 @@ class _Builder:
                 return True
             reshaping = (kind[0] == "method" and kind[1] in GRADIENT_METHODS) or (
                 kind[0] == "function" and kind[1] in GRADIENT_FUNCTIONS | INTERPOLATE_FUNCTIONS
-            ) or (kind[0] == "module" and issubclass(kind[1], nn.Upsample))
+            ) or (kind[0] == "module" and issubclass(kind[1], (nn.Upsample, *GRADIENT_MODULES)))
             if not reshaping or not isinstance(node.args[0], fx.Node):
                 return False
             node = node.args[0]

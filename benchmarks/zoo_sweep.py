@@ -79,6 +79,10 @@ SPECS: dict[str, tuple[int, dict[str, Any], bool]] = {
     "fastvit_t8": (64, {}, False),
     "pvt_v2_b0": (64, {}, ATTN),
     "mixer_s16_224": (32, {"img_size": 32}, False),
+    "gcresnet33ts": (32, {}, ATTN),  # global context: softmax over positions, then a matmul
+    "efficientvit_m0": (64, {"img_size": 64}, ATTN),
+    "xcit_nano_12_p16_224": (32, {"img_size": 32}, ATTN),
+    "cait_xxs24_224": (32, {"img_size": 32}, ATTN),
     "resmlp_12_224": (32, {"img_size": 32}, False),
 }
 # a broad, representative list of timm families (smallest configs), beyond tests/test_zoo_timm.py
@@ -86,7 +90,7 @@ MODELS = [
     # ResNet family
     "resnet10t", "resnet26d", "resnetrs50", "resnext26ts", "seresnext26d_32x4d", "skresnet18",
     "res2net50_14w_8s", "res2next50", "resnest14d", "ecaresnet26t", "resnetaa50", "resnetblur50",
-    "wide_resnet50_2", "gcresnet33ts", "bat_resnext26ts", "tresnet_m",
+    "wide_resnet50_2", "gcresnet33ts", "bat_resnext26ts", "tresnet_m", "resnetv2_50x1_bit",
     # RegNet
     "regnetx_002", "regnety_002", "regnetz_b16", "regnetv_040",
     # EfficientNet-style (incl. TF 'same' padding)
@@ -94,7 +98,7 @@ MODELS = [
     "mobilenetv2_050", "mobilenetv3_small_050", "tf_mobilenetv3_small_100",
     "mobilenetv4_conv_small", "mobilenetv1_100", "mnasnet_050", "ghostnet_050", "ghostnetv2_100",
     "rexnet_100", "mixnet_s", "tf_mixnet_s", "hardcorenas_a", "fbnetc_100", "fbnetv3_b",
-    "lcnet_050", "tinynet_e",
+    "lcnet_050", "tinynet_e", "repghostnet_050",
     # other CNNs
     "densenet121", "densenetblur121d", "dla34", "dla46_c", "dpn48b", "hrnet_w18_small",
     "inception_v3", "inception_v4", "inception_resnet_v2", "xception41", "legacy_xception",
@@ -113,7 +117,7 @@ MODELS = [
     "swinv2_tiny_window8_256", "levit_128s", "mobilevit_xxs", "mobilevitv2_050",
     "coatnet_nano_rw_224", "maxvit_nano_rw_256", "efficientformer_l1", "efficientformerv2_s0",
     "edgenext_xx_small", "pit_ti_224", "tiny_vit_5m_224", "pvt_v2_b0", "botnet26t_256",
-    "halonet26t",
+    "halonet26t", "efficientvit_m0", "xcit_nano_12_p16_224", "cait_xxs24_224",
 ]  # fmt: skip
 LRP0_TOLERANCE = 1e-8
 OTSUKI_TOLERANCE = 1e-4

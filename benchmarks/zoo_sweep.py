@@ -23,6 +23,7 @@ Linear/Conv weights that timm initialises to zero (ViT and Mixer heads) are draw
 
     nice -n 19 python benchmarks/zoo_sweep.py [--markdown] [--jsonl FILE] [names...]
     nice -n 19 python benchmarks/zoo_sweep.py --one NAME   # one model, a JSON line
+    python benchmarks/zoo_sweep.py --table AFTER.jsonl [--before BEFORE.jsonl]  # render
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -233,37 +235,62 @@ def fmt(v: Any) -> str:
     return f"{v:.1e}" if isinstance(v, float) else str(v)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def _short(message: str) -> str:
+    """An error's first line without the site-packages prefix of its source paths."""
+    return re.sub(r"/\S*?site-packages/", "", message).replace("|", "\\|")
+
+
+def _errors(row: dict[str, Any]) -> dict[str, list[str]]:
+    """Distinct error messages of a row -> the checks that raised them."""
+    seen: dict[str, list[str]] = {}
+    for key, v in [("build", row.get("build")), ("lrp-0 f64", row.get("lrp0")),
+                   ("otsuki2024 f32", row.get("otsuki")), *row.get("composites", {}).items()]:
+        if isinstance(v, str) and v != "ok":
+            seen.setdefault(_short(v), []).append(key)
+    return seen
+
+
+def markdown(rows: list[dict[str, Any]], before: list[dict[str, Any]] | None = None) -> str:
+    """The per-model table (and a ``before`` column: another run's result per model), then the
+    errors of the models that still fail and, with ``before``, what failed there."""
+    old = {r["model"]: r for r in before or []}
     lines = [
-        "| model | px | params (M) | composites ok | logit gap | lrp-0 f64 | otsuki2024 f32 | s | "
-        "result |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | px | params (M) |" + (" before |" if before else "")
+        + " composites ok | logit gap | lrp-0 f64 | otsuki2024 f32 | s | result |",
+        "|---|---|---|" + ("---|" if before else "") + "---|---|---|---|---|---|",
     ]
     for r in rows:
         comps = r.get("composites", {})
         ok = sum(v == "ok" for v in comps.values())
+        was = f" {verdict(old[r['model']]) if r['model'] in old else '-'} |" if before else ""
         lines.append(
             f"| {r['model']}{' (attn)' if r.get('attention') else ''} | {r.get('px')} | "
-            f"{r.get('params_m', '')} | {ok}/{len(comps)} | {fmt(r.get('logit_gap'))} | "
+            f"{r.get('params_m', '')} |{was} {ok}/{len(comps)} | {fmt(r.get('logit_gap'))} | "
             f"{fmt(r.get('lrp0', ''))} | {fmt(r.get('otsuki', ''))} | {r.get('seconds', '')} | "
             f"{verdict(r)} |"
         )
-    errors = {}
-    for r in rows:
-        for key, v in [("build", r.get("build")), ("lrp-0", r.get("lrp0")),
-                       ("otsuki2024", r.get("otsuki")), *r.get("composites", {}).items()]:
-            if isinstance(v, str) and v != "ok":
-                errors.setdefault(r["model"], []).append(f"{key}: {v}")
-    if errors:
+    failing = [(r["model"], _errors(r)) for r in rows if _errors(r)]
+    if failing:
         lines.append("\nErrors (first line):\n")
-        for model, errs in errors.items():
-            seen: dict[str, list[str]] = {}
-            for e in errs:
-                key, _, msg = e.partition(": ")
-                seen.setdefault(msg, []).append(key)
-            for msg, keys in seen.items():
+        for model, errs in failing:
+            for msg, keys in errs.items():
                 lines.append(f"- {model} ({', '.join(keys)}): {msg}")
+    if before:
+        lines.append("\nBefore (first error of each model that failed then):\n")
+        for r in before:
+            errs = _errors(r)
+            if errs:
+                msg, keys = next(iter(errs.items()))
+                lines.append(f"- {r['model']} ({len(keys)} checks): {msg}")
+            elif verdict(r) != "ok":
+                lines.append(f"- {r['model']}: {verdict(r)} (lrp-0 f64 {fmt(r.get('lrp0'))}, "
+                             f"otsuki2024 f32 {fmt(r.get('otsuki'))})")
     return "\n".join(lines)
+
+
+def _read(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def main() -> None:
@@ -274,7 +301,12 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the table at the end")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table", help="print the table of this --jsonl file (runs nothing)")
+    parser.add_argument("--before", help="with --table: another run's --jsonl, a column")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(_read(args.table), _read(args.before) if args.before else None))
+        return
     if args.one:
         import torch
 

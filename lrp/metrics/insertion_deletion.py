@@ -78,7 +78,9 @@ def insertion_deletion(
     of the class predicted on the unperturbed image (``"predicted"``).
 
     Forward-only, under ``torch.inference_mode``; all steps of all images share batches of
-    ``batch_size`` on the model's device. The model is used as given (put it in eval mode).
+    ``batch_size`` on the model's device, and steps that give the same input (tied pixels with
+    ``ties="threshold"``, the unperturbed image and the baseline at the two ends) are forwarded
+    once. The model is used as given (put it in eval mode).
     """
     fn = "insertion_deletion"
     check_images(fn, images)

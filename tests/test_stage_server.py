@@ -3,8 +3,10 @@ caller's argv, directory, environment, streams and exit status, and never with s
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -59,6 +61,9 @@ def test_stage_runs_in_a_fork_with_the_callers_streams_and_status(served) -> Non
     out = _stage(root, e, "train")  # no --model: the stage's own error, exit 2
     assert out.returncode == 2
     assert FORKED in out.stderr and "needs --model" in out.stderr
+    assert re.search(r"imports done once, [1-9]\d* torch threads", out.stderr)
+    one = _stage(root, {**e, "OMP_NUM_THREADS": "1"}, "train")  # the caller's thread count
+    assert "imports done once, 1 torch threads" in one.stderr
     missing = _stage(root, e, "train", "--model", "small_resnet", "--params", "nope.yaml")
     assert missing.returncode == 2 and FORKED in missing.stderr
     assert "nope.yaml" in missing.stderr  # the params file named, on the caller's stderr
@@ -87,3 +92,41 @@ def test_without_a_server_the_stage_runs_here(tmp_path: Path) -> None:
     out = _stage(root, e, "train")
     assert "not reachable: running the stage in this process" in out.stderr
     assert out.returncode == 2 and "needs --model" in out.stderr
+
+
+FORK_AFTER_WORK = textwrap.dedent("""
+    import os, signal, sys, torch
+    from flows.stages.forkserver import cpu_defaults
+    cpu_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == sys.argv[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the stage server does before it imports and forks
+    a = torch.randn(600, 600)
+    (a @ a).sum().item()  # work in the server: large enough for a parallel region
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)  # a hung child ends (and fails the test) instead of spinning on
+        torch.set_num_threads(2)  # a child's stage count (2 even on one core: a team is made)
+        for _ in range(3):
+            (a @ a).sum().item()
+            torch.nn.functional.conv2d(torch.randn(8, 3, 64, 64), torch.randn(16, 3, 3, 3))
+        os._exit(0 if torch.get_num_threads() == 2 else 3)
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+""")
+
+
+@pytest.mark.parametrize("policy", [None, "ACTIVE"])
+def test_forked_child_uses_threads_after_the_server_worked(tmp_path: Path, policy) -> None:
+    """libgomp cannot be forked once its workers run (a child's parallel region hangs): the
+    server keeps torch at one thread, so a child can start its own team. OMP_WAIT_POLICY
+    defaults to PASSIVE and a value already set is kept."""
+    e = env(tmp_path)
+    e.pop("OMP_WAIT_POLICY", None)
+    if policy is not None:
+        e["OMP_WAIT_POLICY"] = policy
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_WORK, policy or "PASSIVE"], env=e, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 0, out.stderr

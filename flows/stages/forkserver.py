@@ -8,6 +8,14 @@ only) hands its argv, working directory, environment and stdin/stdout/stderr to 
 forked child runs the stage exactly as :mod:`flows.stages.cli` would, writing to the caller's
 terminal, and the caller exits with the child's status. Ctrl-C and SIGTERM reach the child.
 
+CPU threads: torch's OpenMP (libgomp) cannot be forked once it has started its worker threads (a
+child that enters a parallel region then waits forever for workers that were never copied), so the
+server runs torch single-threaded and each child sets the stage's thread count (``OMP_NUM_THREADS``
+of the caller, else torch's default, one per core). :func:`cpu_defaults` makes idle OpenMP workers
+sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``, unless set): spinning workers keep a core busy
+between parallel regions, which on a 2-core machine with another job on the other core made training
+and the metric forwards 2-3x slower than one thread (BENCHMARKS.md, the default pipeline).
+
 Never stale: the server records the modification times of every ``lrp``/``flows`` source file it
 imported; a request from another checkout, or after a file changed, is refused and the caller
 runs the stage itself (a fresh import), while the server restarts to pick up the new code.
@@ -34,6 +42,14 @@ PACKAGES = ("flows", "lrp")
 WARM = ("prefect.engine", "prefect.flow_engine", "prefect.utilities.visualization",
         "anyio._backends._asyncio")
 MODULE = "flows.stages.forkserver"  # what `python -m` runs (here __name__ is "__main__")
+CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep (libgomp's default: spin)
+
+
+def cpu_defaults() -> None:
+    """Set :data:`CPU_ENV` where the environment does not: call before torch is imported (libgomp
+    reads it once, when torch loads it)."""
+    for key, value in CPU_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def _send(sock: socket.socket, message: dict, fds: Sequence[int] = ()) -> None:
@@ -150,7 +166,9 @@ def _reload_settings() -> None:
     setup_logging(incremental=False)
 
 
-def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, str]) -> NoReturn:
+def _child(
+    conn: socket.socket, request: dict, fds: list[int], added: dict[str, str], threads: int
+) -> NoReturn:
     """In the forked child: become the stage process the caller would have been, run, and exit
     like it (SystemExit up through the server's frames: Prefect drains its log and event queues
     at interpreter exit); the status reaches the caller last, once that is done."""
@@ -172,11 +190,10 @@ def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, 
         os.environ.setdefault(key, value)
     if _prefect_env(os.environ) != prefect_env:
         _reload_settings()
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit():
-        import torch
+    import torch
 
-        torch.set_num_threads(int(threads))
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else threads)
     sys.argv = ["python -m flows.stages", *request["argv"]]
     reply = conn.dup()  # the server's frames close ``conn`` on the way out
     status = [1]
@@ -190,7 +207,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, 
     atexit.register(report)
     _send(reply, {"pid": os.getpid()})
     print(f"stage {' '.join(request['argv'])}: in a fork of the stage server (pid {os.getpid()}, "
-          "imports done once)", file=sys.stderr, flush=True)
+          f"imports done once, {torch.get_num_threads()} torch threads)", file=sys.stderr, flush=True)
     try:
         status[0] = main(request["argv"])
     except SystemExit as exc:  # argparse
@@ -213,6 +230,11 @@ def serve(path: str) -> None:
     root = _code_root()
     snapshot = _sources(root)  # before importing: a file edited meanwhile reads as changed
     before = dict(os.environ)
+    cpu_defaults()
+    import torch
+
+    threads = torch.get_num_threads()  # the children's default
+    torch.set_num_threads(1)  # nothing here may start OpenMP's workers (see the module doc)
     import flows.stages.cli  # noqa: F401  (the point: everything a stage imports, once)
 
     for name in WARM:
@@ -248,7 +270,7 @@ def serve(path: str) -> None:
                 os.execv(sys.executable, [sys.executable, "-m", MODULE, path])
             if os.fork() == 0:
                 listener.close()
-                _child(conn, request, fds, added)
+                _child(conn, request, fds, added, threads)
             for fd in fds:
                 os.close(fd)
 

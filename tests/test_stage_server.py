@@ -87,3 +87,27 @@ def test_without_a_server_the_stage_runs_here(tmp_path: Path) -> None:
     out = _stage(root, e, "train")
     assert "not reachable: running the stage in this process" in out.stderr
     assert out.returncode == 2 and "needs --model" in out.stderr
+
+
+def test_a_stage_process_ends_like_a_normal_exit_minus_the_teardown() -> None:
+    """``_exit`` (how a forked stage ends): non-daemon threads finish, then the atexit handlers
+    run (Prefect drains its queues there), every buffered stream reaches the caller (C stdio
+    too) and the status is the stage's."""
+    script = (
+        "import atexit, ctypes, sys, threading, time\n"
+        "from flows.stages.forkserver import _exit\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    print('thread done', flush=True)\n"
+        "threading.Thread(target=late).start()\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "ctypes.CDLL(None).printf(b'from C, unflushed\\n')\n"
+        "sys.stdout.write('python, unflushed\\n')\n"
+        "_exit(3)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 3, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines.index("thread done") < lines.index("atexit ran")
+    assert "python, unflushed" in lines and "from C, unflushed" in lines

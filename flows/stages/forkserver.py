@@ -24,6 +24,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -150,10 +152,34 @@ def _reload_settings() -> None:
     setup_logging(incremental=False)
 
 
+def _exit(status: int) -> NoReturn:
+    """End the child as the interpreter would, minus tearing the server's modules down.
+
+    What a normal exit does first is kept, in its order: wait for the non-daemon threads, run
+    the atexit handlers (Prefect drains its log and event queues there; the status reaches the
+    caller from one of them) and flush every stream. The rest of a normal exit only frees
+    objects: in a fork it writes to every page of the imported stack that the child shares with
+    the server (0.4-0.9 s of CPU per stage, beside DVC and the next stage). ``os._exit`` skips
+    it, as :mod:`multiprocessing` does for its forked children.
+    """
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # joins non-daemon threads, as at exit
+    finally:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        with contextlib.suppress(Exception):  # C stdio buffers (native code's printf)
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
+        os._exit(status)
+
+
 def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, str]) -> NoReturn:
     """In the forked child: become the stage process the caller would have been, run, and exit
-    like it (SystemExit up through the server's frames: Prefect drains its log and event queues
-    at interpreter exit); the status reaches the caller last, once that is done."""
+    like it (:func:`_exit`: Prefect drains its log and event queues in the atexit handlers); the
+    status reaches the caller last, once that is done."""
     from flows.stages.cli import main
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
@@ -178,7 +204,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, 
 
         torch.set_num_threads(int(threads))
     sys.argv = ["python -m flows.stages", *request["argv"]]
-    reply = conn.dup()  # the server's frames close ``conn`` on the way out
+    reply = conn.dup()  # its own descriptor: nothing the stage closes can take it away
     status = [1]
 
     def report() -> None:  # registered first, so it runs after the handlers the stage adds
@@ -195,7 +221,10 @@ def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, 
         status[0] = main(request["argv"])
     except SystemExit as exc:  # argparse
         status[0] = exc.code if isinstance(exc.code, int) else 1
-    raise SystemExit(status[0])
+    except BaseException:  # what the interpreter would print before exiting with 1
+        traceback.print_exc()
+        status[0] = 1
+    _exit(status[0])
 
 
 def _reap(_signum: int, _frame: object) -> None:

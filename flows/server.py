@@ -67,14 +67,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -
 
 
 @contextlib.contextmanager
-def prefect_server() -> Iterator[tuple[str, Callable[[], None]]]:
-    """A Prefect server's API URL and a call that waits until it answers: the server in
-    ``PREFECT_API_URL`` if set, else one started here (in the background: the caller starts
-    other things while it imports)."""
+def prefect_server() -> Iterator[tuple[str, Callable[[], None], bool]]:
+    """A Prefect server's API URL, a call that waits until it answers, and whether it was
+    started here: the server in ``PREFECT_API_URL`` if set, else one started here (in the
+    background: the caller starts other things while it imports), which stops with the
+    command."""
     url = os.environ.get("PREFECT_API_URL")
     if url:
         print(f"Prefect: using the server at {url}", file=sys.stderr)
-        yield url, lambda: None
+        yield url, lambda: None, False
         return
     base = f"http://127.0.0.1:{_free_port()}"
     print(f"Prefect: starting one local server for the whole run at {base} (UI and API while "
@@ -93,7 +94,7 @@ def prefect_server() -> Iterator[tuple[str, Callable[[], None]]]:
         timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                                        STARTUP_TIMEOUT_S))
         try:
-            yield f"{base}/api", lambda: _wait_healthy(f"{base}/api", proc, log, timeout)
+            yield f"{base}/api", lambda: _wait_healthy(f"{base}/api", proc, log, timeout), True
         finally:
             _stop(proc)
 
@@ -153,6 +154,25 @@ def run_seconds(api_url: str, since: float) -> tuple[int, float, float]:
             sum(t["total_run_time"] for t in tasks))
 
 
+def crash_unfinished(api_url: str, since: float) -> list[str]:
+    """Mark Crashed the flow runs created after ``since`` (epoch s) that are still Pending or
+    Running, not from a deployment: their command has exited, so their processes have too
+    (killed without a chance to report, e.g. SIGKILL or out of memory). Their names."""
+    start = dt.datetime.fromtimestamp(since, tz=dt.UTC).isoformat()
+    runs = _api(api_url, "flow_runs/filter", {
+        "flow_runs": {"expected_start_time": {"after_": start},
+                      "state": {"type": {"any_": ["PENDING", "RUNNING"]}},
+                      "deployment_id": {"is_null_": True}},
+        "limit": PAGE,
+    })
+    for run in runs:
+        _api(api_url, f"flow_runs/{run['id']}/set_state", {"state": {
+            "type": "CRASHED", "name": "Crashed",
+            "message": "its process ended without reporting a final state (flows.server)",
+        }, "force": True})
+    return [run["name"] for run in runs]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command after ``--`` with one Prefect server; return its exit status."""
     parser = argparse.ArgumentParser(prog="python -m flows.server", description=__doc__)
@@ -165,12 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give the command to run, e.g. python -m flows.server -- dvc repro")
     begin = time.time()
     with (
-        prefect_server() as (api_url, prefect_ready),
+        prefect_server() as (api_url, prefect_ready, owned),
         stage_server(api_url, enabled=not args.no_stage_server) as stages,
     ):
         prefect_ready()
         env = {**os.environ, "PREFECT_API_URL": api_url}
         env.pop(forkserver.ENV, None)
+        if owned:  # nothing outlives this server to act on heartbeats (flows.stages.cli)
+            env.setdefault(forkserver.HEARTBEATS_ENV, "off")
         if stages is not None and wait_ready(stages):
             env[forkserver.ENV] = stages
         elif stages is not None:
@@ -193,6 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError, KeyError) as exc:
             print(f"Prefect: could not read the run times ({exc})", file=sys.stderr)
             runs = 0
+        if owned:
+            try:
+                crashed = crash_unfinished(api_url, start)
+            except (OSError, ValueError, KeyError) as exc:
+                print(f"Prefect: could not check for unfinished runs ({exc})", file=sys.stderr)
+                crashed = []
+            if crashed:
+                print(f"Prefect: marked {len(crashed)} flow runs Crashed that the command left "
+                      f"unfinished: {', '.join(crashed)}", file=sys.stderr)
     if runs:
         print(f"Prefect: {runs} flow runs; flows ran {in_flows:.0f} s, tasks {in_tasks:.0f} s "
               f"of {wall:.0f} s wall (overhead outside the flows {100 * (1 - in_flows / wall):.0f}%:"

@@ -111,3 +111,51 @@ def test_a_stage_process_ends_like_a_normal_exit_minus_the_teardown() -> None:
     lines = out.stdout.splitlines()
     assert lines.index("thread done") < lines.index("atexit ran")
     assert "python, unflushed" in lines and "from C, unflushed" in lines
+
+
+HEARTBEAT = "Started flow run heartbeat context"  # the flow engine's debug line
+SCRIPT = """
+import os, signal, sys
+from prefect import flow
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from flows.stages.cli import flow_settings
+
+@flow
+def fine():
+    return 1
+
+@flow
+def killed():
+    os.kill(os.getpid(), signal.SIGKILL)  # no chance to report a final state
+
+print("==", "default", file=sys.stderr, flush=True)  # split apart: the command line is echoed
+with flow_settings():
+    fine()
+print("==", "configured", file=sys.stderr, flush=True)
+with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}), flow_settings():
+    fine()
+print("==", "killed", file=sys.stderr, flush=True)
+with flow_settings():
+    killed()
+"""
+
+
+def test_own_server_runs_without_heartbeats_and_crashes_what_dies(tmp_path: Path) -> None:
+    """Under a Prefect server that flows.server started (it stops with the command) flow runs
+    send no heartbeats unless a frequency is configured, and a run whose process was killed is
+    marked Crashed once the command has exited."""
+    e = {**env(tmp_path), "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.server", "--no-stage-server", "--", sys.executable, "-c",
+         SCRIPT],
+        cwd=Path(__file__).resolve().parents[1], env=e, capture_output=True, text=True,
+        timeout=600, check=False,
+    )
+    assert out.returncode != 0  # the command was killed
+    log = out.stderr
+    default, configured = log.split("== default")[1].split("== configured")
+    configured, killed = configured.split("== killed")
+    assert "Beginning flow run" in default and HEARTBEAT not in default
+    assert HEARTBEAT in configured
+    name = killed.split("Beginning flow run '")[1].split("'")[0]
+    assert f"Prefect: marked 1 flow runs Crashed that the command left unfinished: {name}" in log

@@ -11,16 +11,45 @@ non-zero, so DVC records nothing as done.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+from prefect.settings import (
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    get_current_settings,
+    temporary_settings,
+)
+
 from flows.config import ParamsError
 from flows.context import load_context
+from flows.stages.forkserver import HEARTBEATS_ENV
 from flows.stages.registry import STAGES
+
+
+@contextlib.contextmanager
+def flow_settings() -> Iterator[None]:
+    """Prefect settings for the stage's flow run: without heartbeats where they serve nothing.
+
+    A flow run sends a heartbeat event every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (180
+    by default) for automations that mark runs Crashed when their process died silently; its
+    heartbeat thread sleeps in 1 s steps and the run waits for it at its end, 0.5 s per run on
+    average. ``python -m flows.server`` sets ``LRP_FLOW_HEARTBEATS=off`` when it started the
+    Prefect server itself: that server stops with the command, so no automation could act on
+    them, and ``flows.server`` marks a run its command left unfinished Crashed itself. A
+    frequency set anywhere Prefect reads settings (environment, profile, ``prefect.toml``) keeps
+    them on; so does a server of your own (``PREFECT_API_URL``).
+    """
+    configured = "heartbeat_frequency" in get_current_settings().flows.model_fields_set
+    if os.environ.get(HEARTBEATS_ENV) != "off" or configured:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.force:
         kwargs["force"] = True
     try:
-        stage.flow(**kwargs)
+        with flow_settings():
+            stage.flow(**kwargs)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command (or dvc repro) to resume", file=sys.stderr)
         return 130

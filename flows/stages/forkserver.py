@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import NoReturn
 
 ENV = "LRP_STAGE_SERVER"
+# "off": the Prefect server lives only as long as the command (flows.server started it), so the
+# stages' flow runs send no heartbeats (see flows.stages.cli.flow_settings)
+HEARTBEATS_ENV = "LRP_FLOW_HEARTBEATS"
 PACKAGES = ("flows", "lrp")
 # what Prefect imports lazily on a process's first flow run (each child would repeat it)
 WARM = ("prefect.engine", "prefect.flow_engine", "prefect.utilities.visualization",

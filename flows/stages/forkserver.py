@@ -35,9 +35,14 @@ ENV = "LRP_STAGE_SERVER"
 # stages' flow runs send no heartbeats (see flows.stages.cli.flow_settings)
 HEARTBEATS_ENV = "LRP_FLOW_HEARTBEATS"
 PACKAGES = ("flows", "lrp")
-# what Prefect imports lazily on a process's first flow run (each child would repeat it)
+# what the stages import lazily (each child would repeat it): Prefect on a process's first flow
+# run; torch.fx's first graph trace (train, explain: 0.25-0.4 s, see _warm); the figures' Agg
+# backend (evaluate, report); MLflow's SQL store, its migrations, model logging and the git
+# lookup in report (1 s)
 WARM = ("prefect.engine", "prefect.flow_engine", "prefect.utilities.visualization",
-        "anyio._backends._asyncio")
+        "anyio._backends._asyncio", "torch.fx.experimental.symbolic_shapes",
+        "matplotlib.backends.backend_agg", "mlflow.store.tracking.sqlalchemy_store",
+        "sqlalchemy.dialects.sqlite", "alembic.command", "mlflow.pytorch", "mlflow.pyfunc", "git")
 MODULE = "flows.stages.forkserver"  # what `python -m` runs (here __name__ is "__main__")
 
 
@@ -240,6 +245,19 @@ def _reap(_signum: int, _frame: object) -> None:
             return
 
 
+def _warm() -> None:
+    """Import :data:`WARM` (what is missing is the stage's to report, not the server's) and fill
+    torch.fx's cache of files to leave out of traced-node tracebacks, whose first use imports
+    torch._dynamo, torch._inductor and torch.export. Imports only: nothing runs a kernel (a
+    fork must not inherit a started OpenMP pool) or starts a thread."""
+    for name in WARM:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    shapes = sys.modules.get("torch.fx.experimental.symbolic_shapes")
+    with contextlib.suppress(Exception):
+        shapes.uninteresting_files()  # type: ignore[union-attr]
+
+
 def serve(path: str) -> None:
     """Import the stack, then fork a child per request until stopped (or stale: restart)."""
     root = _code_root()
@@ -247,8 +265,7 @@ def serve(path: str) -> None:
     before = dict(os.environ)
     import flows.stages.cli  # noqa: F401  (the point: everything a stage imports, once)
 
-    for name in WARM:
-        importlib.import_module(name)
+    _warm()
     added = {k: v for k, v in os.environ.items() if before.get(k) != v}
     gc.freeze()  # children's collections then leave the server's objects (and pages) alone
 

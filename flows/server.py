@@ -243,11 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"Prefect: marked {len(crashed)} flow runs Crashed that the command left "
                       f"unfinished: {', '.join(crashed)}", file=sys.stderr)
     if runs:
-        print(f"Prefect: {runs} flow runs; flows ran {in_flows:.0f} s, tasks {in_tasks:.0f} s "
-              f"of {wall:.0f} s wall (overhead outside the flows {100 * (1 - in_flows / wall):.0f}%:"
+        print(f"Prefect: {runs} flow runs; flows ran {in_flows:.1f} s, tasks {in_tasks:.1f} s "
+              f"of {wall:.1f} s wall (overhead outside the flows {100 * (1 - in_flows / wall):.0f}%:"
               f" DVC, process starts, imports; outside the tasks "
               f"{100 * (1 - in_tasks / wall):.0f}%); with starting and stopping the servers "
-              f"{time.time() - begin:.0f} s", file=sys.stderr)
+              f"{time.time() - begin:.1f} s", file=sys.stderr)
     return code
 
 

@@ -130,3 +130,75 @@ def test_forked_child_uses_threads_after_the_server_worked(tmp_path: Path, polic
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_a_stage_process_ends_like_a_normal_exit_minus_the_teardown() -> None:
+    """``_exit`` (how a forked stage ends): non-daemon threads finish, then the atexit handlers
+    run (Prefect drains its queues there), every buffered stream reaches the caller (C stdio
+    too) and the status is the stage's."""
+    script = (
+        "import atexit, ctypes, sys, threading, time\n"
+        "from flows.stages.forkserver import _exit\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    print('thread done', flush=True)\n"
+        "threading.Thread(target=late).start()\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "ctypes.CDLL(None).printf(b'from C, unflushed\\n')\n"
+        "sys.stdout.write('python, unflushed\\n')\n"
+        "_exit(3)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 3, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines.index("thread done") < lines.index("atexit ran")
+    assert "python, unflushed" in lines and "from C, unflushed" in lines
+
+
+HEARTBEAT = "Started flow run heartbeat context"  # the flow engine's debug line
+SCRIPT = """
+import os, signal, sys
+from prefect import flow
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from flows.stages.cli import flow_settings
+
+@flow
+def fine():
+    return 1
+
+@flow
+def killed():
+    os.kill(os.getpid(), signal.SIGKILL)  # no chance to report a final state
+
+print("==", "default", file=sys.stderr, flush=True)  # split apart: the command line is echoed
+with flow_settings():
+    fine()
+print("==", "configured", file=sys.stderr, flush=True)
+with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}), flow_settings():
+    fine()
+print("==", "killed", file=sys.stderr, flush=True)
+with flow_settings():
+    killed()
+"""
+
+
+def test_own_server_runs_without_heartbeats_and_crashes_what_dies(tmp_path: Path) -> None:
+    """Under a Prefect server that flows.server started (it stops with the command) flow runs
+    send no heartbeats unless a frequency is configured, and a run whose process was killed is
+    marked Crashed once the command has exited."""
+    e = {**env(tmp_path), "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.server", "--no-stage-server", "--", sys.executable, "-c",
+         SCRIPT],
+        cwd=Path(__file__).resolve().parents[1], env=e, capture_output=True, text=True,
+        timeout=600, check=False,
+    )
+    assert out.returncode != 0  # the command was killed
+    log = out.stderr
+    default, configured = log.split("== default")[1].split("== configured")
+    configured, killed = configured.split("== killed")
+    assert "Beginning flow run" in default and HEARTBEAT not in default
+    assert HEARTBEAT in configured
+    name = killed.split("Beginning flow run '")[1].split("'")[0]
+    assert f"Prefect: marked 1 flow runs Crashed that the command left unfinished: {name}" in log

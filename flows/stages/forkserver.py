@@ -32,15 +32,25 @@ import os
 import signal
 import socket
 import sys
+import threading
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 ENV = "LRP_STAGE_SERVER"
+# "off": the Prefect server lives only as long as the command (flows.server started it), so the
+# stages' flow runs send no heartbeats (see flows.stages.cli.flow_settings)
+HEARTBEATS_ENV = "LRP_FLOW_HEARTBEATS"
 PACKAGES = ("flows", "lrp")
-# what Prefect imports lazily on a process's first flow run (each child would repeat it)
+# what the stages import lazily (each child would repeat it): Prefect on a process's first flow
+# run; torch.fx's first graph trace (train, explain: 0.25-0.4 s, see _warm); the figures' Agg
+# backend (evaluate, report); MLflow's SQL store, its migrations, model logging and the git
+# lookup in report (1 s)
 WARM = ("prefect.engine", "prefect.flow_engine", "prefect.utilities.visualization",
-        "anyio._backends._asyncio")
+        "anyio._backends._asyncio", "torch.fx.experimental.symbolic_shapes",
+        "matplotlib.backends.backend_agg", "mlflow.store.tracking.sqlalchemy_store",
+        "sqlalchemy.dialects.sqlite", "alembic.command", "mlflow.pytorch", "mlflow.pyfunc", "git")
 MODULE = "flows.stages.forkserver"  # what `python -m` runs (here __name__ is "__main__")
 CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep (libgomp's default: spin)
 
@@ -166,12 +176,36 @@ def _reload_settings() -> None:
     setup_logging(incremental=False)
 
 
+def _exit(status: int) -> NoReturn:
+    """End the child as the interpreter would, minus tearing the server's modules down.
+
+    What a normal exit does first is kept, in its order: wait for the non-daemon threads, run
+    the atexit handlers (Prefect drains its log and event queues there; the status reaches the
+    caller from one of them) and flush every stream. The rest of a normal exit only frees
+    objects: in a fork it writes to every page of the imported stack that the child shares with
+    the server (0.4-0.9 s of CPU per stage, beside DVC and the next stage). ``os._exit`` skips
+    it, as :mod:`multiprocessing` does for its forked children.
+    """
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # joins non-daemon threads, as at exit
+    finally:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        with contextlib.suppress(Exception):  # C stdio buffers (native code's printf)
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
+        os._exit(status)
+
+
 def _child(
     conn: socket.socket, request: dict, fds: list[int], added: dict[str, str], threads: int
 ) -> NoReturn:
     """In the forked child: become the stage process the caller would have been, run, and exit
-    like it (SystemExit up through the server's frames: Prefect drains its log and event queues
-    at interpreter exit); the status reaches the caller last, once that is done."""
+    like it (:func:`_exit`: Prefect drains its log and event queues in the atexit handlers); the
+    status reaches the caller last, once that is done."""
     from flows.stages.cli import main
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
@@ -195,7 +229,7 @@ def _child(
     wanted = os.environ.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else threads)
     sys.argv = ["python -m flows.stages", *request["argv"]]
-    reply = conn.dup()  # the server's frames close ``conn`` on the way out
+    reply = conn.dup()  # its own descriptor: nothing the stage closes can take it away
     status = [1]
 
     def report() -> None:  # registered first, so it runs after the handlers the stage adds
@@ -212,7 +246,10 @@ def _child(
         status[0] = main(request["argv"])
     except SystemExit as exc:  # argparse
         status[0] = exc.code if isinstance(exc.code, int) else 1
-    raise SystemExit(status[0])
+    except BaseException:  # what the interpreter would print before exiting with 1
+        traceback.print_exc()
+        status[0] = 1
+    _exit(status[0])
 
 
 def _reap(_signum: int, _frame: object) -> None:
@@ -223,6 +260,19 @@ def _reap(_signum: int, _frame: object) -> None:
             return
         if pid == 0:
             return
+
+
+def _warm() -> None:
+    """Import :data:`WARM` (what is missing is the stage's to report, not the server's) and fill
+    torch.fx's cache of files to leave out of traced-node tracebacks, whose first use imports
+    torch._dynamo, torch._inductor and torch.export. Imports only: nothing runs a kernel (a
+    fork must not inherit a started OpenMP pool) or starts a thread."""
+    for name in WARM:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    shapes = sys.modules.get("torch.fx.experimental.symbolic_shapes")
+    with contextlib.suppress(Exception):
+        shapes.uninteresting_files()  # type: ignore[union-attr]
 
 
 def serve(path: str) -> None:
@@ -237,8 +287,7 @@ def serve(path: str) -> None:
     torch.set_num_threads(1)  # nothing here may start OpenMP's workers (see the module doc)
     import flows.stages.cli  # noqa: F401  (the point: everything a stage imports, once)
 
-    for name in WARM:
-        importlib.import_module(name)
+    _warm()
     added = {k: v for k, v in os.environ.items() if before.get(k) != v}
     gc.freeze()  # children's collections then leave the server's objects (and pages) alone
 

@@ -6,6 +6,9 @@ model's inference throughput divided by that number; the "ratio" column says how
 Default (about 1-3 min on 2 CPU cores):  python benchmarks/bench_metrics.py
 Full size (the paper's setting, GPU):    python benchmarks/bench_metrics.py --model resnet50 \
     --size 224 --n 64 --steps 100 --device cuda --batch-size 256
+Heat-quantized maps, tied pixels moved together (only distinct inputs are forwarded: at most
+levels + 1 per curve):                   python benchmarks/bench_metrics.py --quantize 8 \
+    --ties threshold
 """
 
 from __future__ import annotations
@@ -17,6 +20,19 @@ import torch
 import torchvision
 
 from lrp.metrics import insertion_deletion
+from lrp.postprocess import heat_quantization
+
+
+class Counting(torch.nn.Module):
+    """Counts the inputs the metric forwards (distinct perturbed images plus the clean pass)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return self.inner(x)
 
 
 def _sync(device: torch.device) -> None:
@@ -44,6 +60,8 @@ def main() -> None:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ties", default="rank", choices=("rank", "threshold"))
+    p.add_argument("--quantize", type=int, default=0, help="heat-quantize to N levels (0: raw)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,8 +70,10 @@ def main() -> None:
     model = getattr(torchvision.models, args.model)().eval().to(device)
     x = torch.randn(args.n, 3, args.size, args.size, device=device)
     heat = torch.randn(args.n, args.size, args.size, device=device)
+    if args.quantize:
+        heat = heat_quantization(heat, args.quantize)
     forwards_per_image = 2 * (args.steps + 1)
-    common = dict(steps=args.steps, baseline="zero", score="softmax")
+    common = dict(steps=args.steps, baseline="zero", score="softmax", ties=args.ties)
 
     # warm-up (allocator, cudnn autotune, first-call overheads)
     insertion_deletion(model, x[:1], heat[:1], steps=2, batch_size=args.batch_size)
@@ -61,6 +81,9 @@ def main() -> None:
     t_batched = _timed(
         lambda: insertion_deletion(model, x, heat, batch_size=args.batch_size, **common), device
     )
+    counting = Counting(model)
+    insertion_deletion(counting, x, heat, batch_size=args.batch_size, **common)
+    run_per_image = counting.rows / args.n
     m = args.loop_images or args.n
 
     def loop() -> None:
@@ -69,7 +92,7 @@ def main() -> None:
 
     t_loop = _timed(loop, device)
 
-    total = args.n * forwards_per_image
+    total = args.n * forwards_per_image  # the limit: inference of every step of every image
     batch = torch.randn(min(args.batch_size, total), 3, args.size, args.size, device=device)
 
     def inference() -> None:
@@ -86,7 +109,8 @@ def main() -> None:
     ips_limit = args.n / t_inf  # images/s if the metric cost only its forwards
     print(
         f"model={args.model} size={args.size} n={args.n} steps={args.steps} "
-        f"forwards/image={forwards_per_image} batch={args.batch_size} device={device} "
+        f"forwards/image={forwards_per_image} (run: {run_per_image:.1f}, the rest are repeats) "
+        f"ties={args.ties} quantize={args.quantize} batch={args.batch_size} device={device} "
         f"threads={torch.get_num_threads()}"
     )
     print(f"{'variant':32} {'images/s':>10} {'x loop':>8} {'of limit':>9}")

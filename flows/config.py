@@ -134,7 +134,8 @@ class RuntimeParams:
     """Execution settings that do not change results beyond float tolerance (except `subset`).
 
     Only ``subset`` and ``batch_size`` (metric batches) are DVC stage params; the rest (device,
-    workers, TF32, memory format, task runner, cluster) decide where and how fast, not what.
+    workers, TF32, memory format, the optimized inference copy, task runner, cluster) decide where
+    and how fast, not what.
     """
 
     device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto
@@ -143,6 +144,7 @@ class RuntimeParams:
     subset: int | None = field(default=None, metadata={"min": 1})
     channels_last: bool | str = field(default="auto", metadata=_AUTO)  # auto: CUDA convnets
     tf32: bool = True  # TF32 matmuls/convolutions on CUDA (relevance stays float32)
+    optimize_inference: bool | str = field(default="auto", metadata=_AUTO)  # auto: CPU metrics
     task_runner: str = field(default="local", metadata=_choices("local", "dask"))
     dask_address: str | None = None  # existing scheduler, e.g. tcp://host:8786; None: local
     dask_workers: int = field(default=2, metadata={"min": 1})  # size of the local cluster

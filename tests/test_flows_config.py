@@ -45,6 +45,7 @@ def test_float_written_without_dot_is_accepted(tmp_path: Path) -> None:
         ({"explain": {"channel_sum": "yes"}}, r"explain.channel_sum: must be true or false"),
         ({"model": {"architectures": "small_resnet"}}, r"model.architectures: must be a list"),
         ({"runtime": {"subset": None, "batch_size": None}}, r"runtime.batch_size: must not be"),
+        ({"runtime": {"optimize_inference": "yes"}}, r"runtime.optimize_inference"),
         ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, r"val_fraction \+ data.test"),
         ({"evaluate": {"quantize_levels": [0, 1]}}, r"evaluate.quantize_levels\[1\]"),
         ([1, 2], "top level must be a mapping"),

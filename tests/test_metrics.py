@@ -17,7 +17,14 @@ from lrp.metrics import (
     pointing_game,
     relevance_mass,
 )
-from lrp.metrics._core import gaussian_blur, make_baseline
+from lrp.metrics._core import (
+    gaussian_blur,
+    make_baseline,
+    perturbed_scores,
+    step_counts,
+    step_positions,
+)
+from lrp.postprocess import heat_quantization
 
 H = W = 8
 
@@ -279,6 +286,134 @@ def test_errors_name_the_parameter() -> None:
         perturbation_curve(model, x, heat, order="up")
     with pytest.raises(InvalidInputError, match="reduce"):
         insertion_deletion(model, x, heat, reduce="mean")
+
+
+# ----------------------------------------------------------------------------- deduplication
+
+
+def naive_perturbed_scores(model, images, alt, positions, counts, classes, invert, score, bs):
+    """Every (track, image, step) forwarded, in that order (perturbed_scores before dedup)."""
+    n, _, h, w = images.shape
+    s1 = counts.numel()
+    inv = torch.tensor(invert)
+    total = len(invert) * n * s1
+    out = torch.empty(total, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, total, bs):
+            job = torch.arange(start, min(start + bs, total))
+            track, rest = job // (n * s1), job % (n * s1)
+            img, step = rest // s1, rest % s1
+            mask = ((positions[img] < counts[step, None]) != inv[track, None]).view(-1, 1, h, w)
+            logits = model(torch.where(mask, alt[img], images[img])).double()
+            if score == "softmax":
+                logits = logits.softmax(1)
+            out[start : start + job.numel()] = logits.gather(1, classes[img, None]).squeeze(1)
+    return out.view(len(invert), n, s1)
+
+
+class Counting(nn.Module):
+    """Counts the inputs it is run on."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.rows += x.shape[0]
+        return self.inner(x)
+
+
+def dedup_heat(kind: str, n: int) -> Tensor:
+    g = torch.Generator().manual_seed(3)
+    heat = torch.randn(n, H, W, generator=g, dtype=torch.float64)
+    if kind == "q8":
+        return heat_quantization(heat, 8)
+    if kind == "relu":  # most pixels tied at 0 (a ReLU'd map, Grad-CAM)
+        return heat.clamp(min=1.0)
+    if kind == "const":  # every pixel tied: only the two ends
+        return torch.zeros_like(heat)
+    return heat
+
+
+@pytest.mark.parametrize("kind", ["raw", "q8", "relu", "const"])
+@pytest.mark.parametrize("ties", ["rank", "threshold"])
+@pytest.mark.parametrize("invert", [(False, True), (True,), (False, True, False, True)])
+@pytest.mark.parametrize("bs", [1, 5, 64])
+@pytest.mark.parametrize("clean", [False, True])
+def test_dedup_equals_every_job(kind, ties, invert, bs, clean) -> None:
+    """Only distinct inputs run, and the scores equal forwarding every (track, image, step)."""
+    model = Counting(tiny_model())
+    x, _ = data(n=3)
+    heat = dedup_heat(kind, 3)
+    alt, _ = make_baseline("t", x, "uniform", seed=0, noise_range=None)
+    pos = step_positions(heat.reshape(3, -1), ties)
+    counts = torch.cat([step_counts(H * W, 10, None, "t"), torch.tensor([7, 64, 0])])  # repeats
+    classes = torch.tensor([0, 3, 4])
+    logits = model.inner(x) if clean else None
+    got = perturbed_scores(
+        model, x, alt, pos, counts, classes, invert=invert, score="softmax", batch_size=bs,
+        clean_logits=logits,
+    )
+    ref = naive_perturbed_scores(model.inner, x, alt, pos, counts, classes, invert, "softmax", 7)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    # distinct inputs per image: the image itself, alt, and each other moved-pixel count per side
+    expected = 0
+    for i in range(3):
+        moved = {int((pos[i] < k).sum()) for k in counts}
+        inner = moved - {0, H * W}
+        sides = len(set(invert))
+        expected += len(inner) * sides + 1 + (0 if clean else 1)
+    assert model.rows == expected
+    if ties == "rank" and kind != "const":
+        assert len(inner) == len(set(counts.tolist()) - {0, H * W})  # nothing merged but repeats
+
+
+@pytest.mark.parametrize("ties", ["rank", "threshold"])
+def test_dedup_float32_batch_composition(ties) -> None:
+    """A float32 model: equal to the naive order up to the roundoff of other batch mixes."""
+    model = tiny_model().float()
+    x, _ = data(n=5)
+    x = x.float()
+    heat = dedup_heat("q8", 5).float()
+    pos = step_positions(heat.reshape(5, -1), ties)
+    counts = step_counts(H * W, 12, None, "t")
+    classes = torch.tensor([0, 1, 2, 3, 4])
+    alt = torch.zeros_like(x)
+    got = perturbed_scores(
+        model, x, alt, pos, counts, classes, invert=(False, True), score="logit", batch_size=6
+    )
+    ref = naive_perturbed_scores(model, x, alt, pos, counts, classes, (False, True), "logit", 9)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_metrics_forward_only_distinct_inputs() -> None:
+    """Heat-quantized insertion/deletion: at most levels + 1 inputs per curve, ends shared."""
+    model = Counting(tiny_model())
+    x, _ = data(n=2)
+    heat = dedup_heat("q8", 2)
+    res = insertion_deletion(model, x, heat, steps=32, ties="threshold", batch_size=7)
+    # the clean forward of resolve_classes, alt once, then at most 7 inner inputs per curve
+    assert model.rows <= 2 + 2 + 2 * 2 * 7
+    ref = ref_insertion_deletion(model.inner, x, heat[:, None], torch.zeros_like(x), None, 32,
+                                 None, "softmax", "threshold")
+    for n, (ins, dele, _, _) in enumerate(ref):
+        assert res.insertion_curve[n].tolist() == pytest.approx(ins, abs=1e-12)
+        assert res.deletion_curve[n].tolist() == pytest.approx(dele, abs=1e-12)
+    model.rows = 0
+    pert = perturbation_curve(model, x, heat, region=2, steps=100, batch_size=5)
+    assert model.rows == 2 + 2 * 16  # clean once, then each of the 16 tiles' steps
+    assert pert.params["steps"] == 16
+
+
+def test_perturbed_scores_checks_clean_logits() -> None:
+    model = tiny_model()
+    x, heat = data(n=2)
+    pos = step_positions(heat.sum(1).reshape(2, -1), "rank")
+    with pytest.raises(InvalidInputError, match="clean_logits"):
+        perturbed_scores(
+            model, x, x, pos, torch.tensor([0, 64]), torch.tensor([0, 1]), invert=(False,),
+            score="logit", batch_size=4, clean_logits=torch.zeros(3, 5),
+        )
 
 
 # ----------------------------------------------------------------------------- MoRF / LeRF

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 
-from flows.stages.forkserver import delegate
+from flows.stages.forkserver import cpu_defaults, delegate
 
 if __name__ == "__main__":
+    cpu_defaults()  # before torch is imported here (a forked stage has the server's settings)
     code = delegate(sys.argv[1:])
     if code is None:
         from flows.stages.cli import main

@@ -11,16 +11,47 @@ non-zero, so DVC records nothing as done.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+from prefect.context import SettingsContext, get_settings_context
+
 from flows.config import ParamsError
 from flows.context import load_context
+from flows.stages.forkserver import HEARTBEATS_ENV
 from flows.stages.registry import STAGES
+
+
+@contextlib.contextmanager
+def flow_settings() -> Iterator[None]:
+    """Prefect settings for the stage's flow run: without heartbeats where they serve nothing.
+
+    A flow run sends a heartbeat event every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (180
+    by default) for automations that mark runs Crashed when their process died silently; its
+    heartbeat thread sleeps in 1 s steps and the run waits for it at its end, 0.5 s per run on
+    average. ``python -m flows.server`` sets ``LRP_FLOW_HEARTBEATS=off`` when it started the
+    Prefect server itself: that server stops with the command, so no automation could act on
+    them, and ``flows.server`` marks a run its command left unfinished Crashed itself. A
+    frequency set anywhere Prefect reads settings (environment, profile, ``prefect.toml``) keeps
+    them on; so does a server of your own (``PREFECT_API_URL``).
+    """
+    context = get_settings_context()
+    flows = context.settings.flows
+    if os.environ.get(HEARTBEATS_ENV) != "off" or "heartbeat_frequency" in flows.model_fields_set:
+        yield
+        return
+    # a copy with the one value changed (prefect.settings.temporary_settings would validate
+    # every setting from every source again: 0.1 s)
+    settings = context.settings.model_copy(
+        update={"flows": flows.model_copy(update={"heartbeat_frequency": None})}
+    )
+    with SettingsContext(profile=context.profile, settings=settings):
+        yield
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.force:
         kwargs["force"] = True
     try:
-        stage.flow(**kwargs)
+        with flow_settings():
+            stage.flow(**kwargs)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command (or dvc repro) to resume", file=sys.stderr)
         return 130

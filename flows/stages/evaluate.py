@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from flows import plots, workers
 from flows.context import Context, device, load_context, log, methods, require_arch, require_data
 from flows.io import jsonable, write_json, write_text
-from flows.runtime import metric_batch_size, torch_backends, worker_device
+from flows.runtime import inference_model, metric_batch_size, torch_backends, worker_device
 from flows.scaleout import Dispatch, dispatcher, run_shard_tasks
 from flows.shards import ShardError, load_shards, read_index, read_shard
 from lrp.metrics import insertion_deletion, perturbation_curve, pointing_game, relevance_mass
@@ -87,11 +87,13 @@ def evaluate_piece(
     start: int = 0,
     progress: Callable[[str, float], None] | None = None,
     bar: bool = True,
+    optimize: bool | str = False,
 ) -> dict[str, Any]:
     """Score one contiguous run of a method's stored heatmaps (a shard, or all of them).
 
     ``arrays`` holds ``index``, ``target`` and ``relevance`` of exactly the images to score
-    (``start`` is the position of the first one). Returns a JSON-able partial result: per-image
+    (``start`` is the position of the first one). ``optimize`` (``runtime.optimize_inference``):
+    the metric forwards use :func:`flows.runtime.inference_model`'s copy of the model (CPU). Returns a JSON-able partial result: per-image
     score columns per quantization level, curve sums per chunk (kept apart so that
     :func:`merge_pieces` adds them in the order one process would), fractions and metric params.
     """
@@ -107,6 +109,7 @@ def evaluate_piece(
     work = max(n * len(levels), 1)
     done = 0
     tq = tqdm(total=n * len(levels), desc=f"evaluate {method}", unit="img", disable=not bar)
+    scorer: nn.Module | None = None  # the model the metric forwards use
     for lo in range(0, n, settings.chunk):
         hi = min(lo + settings.chunk, n)
         idx = arrays["index"][lo:hi]
@@ -117,10 +120,13 @@ def evaluate_piece(
         heat = relevance if relevance.dim() == 3 else reduce_channels(relevance, "sum")
         masks = [it["mask"] for it in items]
         has_masks = all(m.numel() > 0 for m in masks)
+        if scorer is None:
+            scorer, how = inference_model(optimize, model, device, images.to(device))
+            log("%s metric forwards: %s", method, how)
         for level in levels:
             h = heat if level == 0 else heat_quantization(heat, level)
             res = insertion_deletion(
-                model, images, h, target,
+                scorer, images, h, target,
                 steps=settings.steps, baseline=settings.baseline, score=settings.score,
                 batch_size=settings.batch_size,
             )
@@ -135,7 +141,7 @@ def evaluate_piece(
             cols.setdefault("id", []).extend(res.id.cpu().tolist())
             if level == 0:
                 pert = perturbation_curve(
-                    model, images, h, target, order="morf", region=settings.aopc_region,
+                    scorer, images, h, target, order="morf", region=settings.aopc_region,
                     steps=settings.aopc_steps, batch_size=settings.batch_size,
                 )
                 metric_params[f"{method}/perturbation_curve"] = pert.params
@@ -414,7 +420,7 @@ def evaluate_one_shard(
         with torch_backends(dev, tf32=r.tf32):
             piece = evaluate_piece(
                 model, ds, arrays, job.method, settings, device=dev, start=job.start,
-                bar=not workers.in_dask_worker(),
+                bar=not workers.in_dask_worker(), optimize=r.optimize_inference,
             )
     write_piece(job.out, job.key, piece)
     return True

@@ -8,6 +8,14 @@ only) hands its argv, working directory, environment and stdin/stdout/stderr to 
 forked child runs the stage exactly as :mod:`flows.stages.cli` would, writing to the caller's
 terminal, and the caller exits with the child's status. Ctrl-C and SIGTERM reach the child.
 
+CPU threads: torch's OpenMP (libgomp) cannot be forked once it has started its worker threads (a
+child that enters a parallel region then waits forever for workers that were never copied), so the
+server runs torch single-threaded and each child sets the stage's thread count (``OMP_NUM_THREADS``
+of the caller, else torch's default, one per core). :func:`cpu_defaults` makes idle OpenMP workers
+sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``, unless set): spinning workers keep a core busy
+between parallel regions, which on a 2-core machine with another job on the other core made training
+and the metric forwards 2-3x slower than one thread (BENCHMARKS.md, the default pipeline).
+
 Never stale: the server records the modification times of every ``lrp``/``flows`` source file it
 imported; a request from another checkout, or after a file changed, is refused and the caller
 runs the stage itself (a fresh import), while the server restarts to pick up the new code.
@@ -24,16 +32,34 @@ import os
 import signal
 import socket
 import sys
+import threading
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 ENV = "LRP_STAGE_SERVER"
+# "off": the Prefect server lives only as long as the command (flows.server started it), so the
+# stages' flow runs send no heartbeats (see flows.stages.cli.flow_settings)
+HEARTBEATS_ENV = "LRP_FLOW_HEARTBEATS"
 PACKAGES = ("flows", "lrp")
-# what Prefect imports lazily on a process's first flow run (each child would repeat it)
+# what the stages import lazily (each child would repeat it): Prefect on a process's first flow
+# run; torch.fx's first graph trace (train, explain: 0.25-0.4 s, see _warm); the figures' Agg
+# backend (evaluate, report); MLflow's SQL store, its migrations, model logging and the git
+# lookup in report (1 s)
 WARM = ("prefect.engine", "prefect.flow_engine", "prefect.utilities.visualization",
-        "anyio._backends._asyncio")
+        "anyio._backends._asyncio", "torch.fx.experimental.symbolic_shapes",
+        "matplotlib.backends.backend_agg", "mlflow.store.tracking.sqlalchemy_store",
+        "sqlalchemy.dialects.sqlite", "alembic.command", "mlflow.pytorch", "mlflow.pyfunc", "git")
 MODULE = "flows.stages.forkserver"  # what `python -m` runs (here __name__ is "__main__")
+CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep (libgomp's default: spin)
+
+
+def cpu_defaults() -> None:
+    """Set :data:`CPU_ENV` where the environment does not: call before torch is imported (libgomp
+    reads it once, when torch loads it)."""
+    for key, value in CPU_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def _send(sock: socket.socket, message: dict, fds: Sequence[int] = ()) -> None:
@@ -150,10 +176,36 @@ def _reload_settings() -> None:
     setup_logging(incremental=False)
 
 
-def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, str]) -> NoReturn:
+def _exit(status: int) -> NoReturn:
+    """End the child as the interpreter would, minus tearing the server's modules down.
+
+    What a normal exit does first is kept, in its order: wait for the non-daemon threads, run
+    the atexit handlers (Prefect drains its log and event queues there; the status reaches the
+    caller from one of them) and flush every stream. The rest of a normal exit only frees
+    objects: in a fork it writes to every page of the imported stack that the child shares with
+    the server (0.4-0.9 s of CPU per stage, beside DVC and the next stage). ``os._exit`` skips
+    it, as :mod:`multiprocessing` does for its forked children.
+    """
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # joins non-daemon threads, as at exit
+    finally:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        with contextlib.suppress(Exception):  # C stdio buffers (native code's printf)
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
+        os._exit(status)
+
+
+def _child(
+    conn: socket.socket, request: dict, fds: list[int], added: dict[str, str], threads: int
+) -> NoReturn:
     """In the forked child: become the stage process the caller would have been, run, and exit
-    like it (SystemExit up through the server's frames: Prefect drains its log and event queues
-    at interpreter exit); the status reaches the caller last, once that is done."""
+    like it (:func:`_exit`: Prefect drains its log and event queues in the atexit handlers); the
+    status reaches the caller last, once that is done."""
     from flows.stages.cli import main
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
@@ -172,13 +224,12 @@ def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, 
         os.environ.setdefault(key, value)
     if _prefect_env(os.environ) != prefect_env:
         _reload_settings()
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit():
-        import torch
+    import torch
 
-        torch.set_num_threads(int(threads))
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else threads)
     sys.argv = ["python -m flows.stages", *request["argv"]]
-    reply = conn.dup()  # the server's frames close ``conn`` on the way out
+    reply = conn.dup()  # its own descriptor: nothing the stage closes can take it away
     status = [1]
 
     def report() -> None:  # registered first, so it runs after the handlers the stage adds
@@ -190,12 +241,15 @@ def _child(conn: socket.socket, request: dict, fds: list[int], added: dict[str, 
     atexit.register(report)
     _send(reply, {"pid": os.getpid()})
     print(f"stage {' '.join(request['argv'])}: in a fork of the stage server (pid {os.getpid()}, "
-          "imports done once)", file=sys.stderr, flush=True)
+          f"imports done once, {torch.get_num_threads()} torch threads)", file=sys.stderr, flush=True)
     try:
         status[0] = main(request["argv"])
     except SystemExit as exc:  # argparse
         status[0] = exc.code if isinstance(exc.code, int) else 1
-    raise SystemExit(status[0])
+    except BaseException:  # what the interpreter would print before exiting with 1
+        traceback.print_exc()
+        status[0] = 1
+    _exit(status[0])
 
 
 def _reap(_signum: int, _frame: object) -> None:
@@ -208,15 +262,32 @@ def _reap(_signum: int, _frame: object) -> None:
             return
 
 
+def _warm() -> None:
+    """Import :data:`WARM` (what is missing is the stage's to report, not the server's) and fill
+    torch.fx's cache of files to leave out of traced-node tracebacks, whose first use imports
+    torch._dynamo, torch._inductor and torch.export. Imports only: nothing runs a kernel (a
+    fork must not inherit a started OpenMP pool) or starts a thread."""
+    for name in WARM:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    shapes = sys.modules.get("torch.fx.experimental.symbolic_shapes")
+    with contextlib.suppress(Exception):
+        shapes.uninteresting_files()  # type: ignore[union-attr]
+
+
 def serve(path: str) -> None:
     """Import the stack, then fork a child per request until stopped (or stale: restart)."""
     root = _code_root()
     snapshot = _sources(root)  # before importing: a file edited meanwhile reads as changed
     before = dict(os.environ)
+    cpu_defaults()
+    import torch
+
+    threads = torch.get_num_threads()  # the children's default
+    torch.set_num_threads(1)  # nothing here may start OpenMP's workers (see the module doc)
     import flows.stages.cli  # noqa: F401  (the point: everything a stage imports, once)
 
-    for name in WARM:
-        importlib.import_module(name)
+    _warm()
     added = {k: v for k, v in os.environ.items() if before.get(k) != v}
     gc.freeze()  # children's collections then leave the server's objects (and pages) alone
 
@@ -248,7 +319,7 @@ def serve(path: str) -> None:
                 os.execv(sys.executable, [sys.executable, "-m", MODULE, path])
             if os.fork() == 0:
                 listener.close()
-                _child(conn, request, fds, added)
+                _child(conn, request, fds, added, threads)
             for fd in fds:
                 os.close(fd)
 

@@ -74,11 +74,13 @@ def resolve_classes(
     target: Tensor | int | None,
     score_class: str,
     batch_size: int,
-) -> tuple[Tensor, Tensor]:
-    """Return (class scored per image, predicted class on the unperturbed image), both (N,) long.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return (class scored per image, predicted class on the unperturbed image, logits).
 
-    ``score_class="target"`` scores ``target`` (the prediction where ``target`` is None);
-    ``"predicted"`` always scores the class predicted on the unperturbed image (as RISE does).
+    The classes are (N,) long; the logits (N, classes) are the model's output on ``images`` (the
+    unperturbed inputs of :func:`perturbed_scores`). ``score_class="target"`` scores ``target``
+    (the prediction where ``target`` is None); ``"predicted"`` always scores the class predicted
+    on the unperturbed image (as RISE does).
     """
     if score_class not in SCORE_CLASSES:
         raise InvalidInputError(
@@ -92,7 +94,7 @@ def resolve_classes(
         )
     predicted = logits.argmax(dim=1)
     if score_class == "predicted" or target is None:
-        return predicted, predicted
+        return predicted, predicted, logits
     if isinstance(target, int):
         cls = torch.full((n,), target, dtype=torch.long, device=images.device)
     elif isinstance(target, Tensor) and target.dim() <= 1 and not target.is_floating_point():
@@ -106,7 +108,7 @@ def resolve_classes(
     k = logits.shape[1]
     if (cls < 0).any() or (cls >= k).any():
         raise InvalidInputError(f"{fn}: target out of range [0, {k}) : {cls.tolist()[:10]}")
-    return cls, predicted
+    return cls, predicted, logits
 
 
 def step_positions(values: Tensor, ties: str, descending: bool = True) -> Tensor:
@@ -161,11 +163,23 @@ def perturbed_scores(
     invert: tuple[bool, ...],
     score: str,
     batch_size: int,
+    clean_logits: Tensor | None = None,
 ) -> Tensor:
     """Scores of every (track, image, step): input ``where((pos < k) != invert, alt, x)``.
 
     ``positions`` is (N, H*W) (per pixel, broadcast over channels); ``counts`` (S+1,). Returns
-    (T, N, S+1) with T = len(invert). All jobs are flattened and cut into chunks of ``batch_size``.
+    (T, N, S+1) with T = len(invert).
+
+    Only distinct inputs are run. The masks of one image are nested (``pos < k`` grows with k), so
+    two of its steps give the same input exactly when they move the same number of pixels ``m``:
+    steps whose count falls inside a group of tied positions (``ties="threshold"``; heat-quantized
+    maps have at most levels + 1 distinct inputs per curve), repeated counts, and the two ends,
+    where every track meets the unperturbed image (no pixel from ``alt``) or ``alt`` itself (all
+    pixels from it). The distinct inputs, ordered by image, are cut into forward batches of
+    ``batch_size`` and their scores scattered back; the result equals running every job, up to the
+    float roundoff of another batch composition. ``clean_logits`` (N, classes): the model's output
+    on ``images`` (e.g. from :func:`resolve_classes`); given, the unperturbed inputs cost no
+    forward.
     """
     if score not in SCORES:
         raise InvalidInputError(f"unknown score={score!r}; choose one of {SCORES}")
@@ -173,25 +187,61 @@ def perturbed_scores(
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
     device = images.device
     n, _, h, w = images.shape
+    p = h * w
     s1 = counts.numel()
+    t = len(invert)
     counts = counts.to(device)
     inv = torch.tensor(invert, dtype=torch.bool, device=device)
-    t = len(invert)
-    total = t * n * s1
-    out = torch.empty(total, dtype=torch.float64, device=device)
-    for start in range(0, total, batch_size):
-        job = torch.arange(start, min(start + batch_size, total), device=device)
-        track, rest = job // (n * s1), job % (n * s1)
-        img, step = rest // s1, rest % s1
-        mask = (positions[img] < counts[step, None]) != inv[track, None]
-        mask = mask.view(-1, 1, h, w)
-        batch = torch.where(mask, alternative[img], images[img])
-        logits = model(batch)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if score == "softmax":
-            logits = logits.softmax(dim=1)
-        out[start : start + job.numel()] = logits.gather(1, classes[img, None]).squeeze(1).double()
+    # pixels moved after each step, per image: m[n, s] = #{pos[n] < counts[s]}
+    sorted_pos = positions.sort(dim=1).values.contiguous()
+    moved = torch.searchsorted(sorted_pos, counts.expand(n, s1).contiguous())
+    # pixels taken from ``alt`` per (track, image, step); 0 = the image, p = ``alt``
+    from_alt = torch.where(inv.view(t, 1, 1), p - moved, moved)
+    # one key per distinct input: (image, which side moved, m); both ends are track-independent
+    side = inv.view(t, 1, 1).expand(t, n, s1).long()
+    ends = (from_alt == 0) | (from_alt == p)
+    side = torch.where(ends, torch.zeros_like(side), side)
+    m_key = torch.where(ends, from_alt, moved)
+    img = torch.arange(n, device=device).view(1, n, 1).expand(t, n, s1)
+    key = ((img * 2 + side) * (p + 1) + m_key).reshape(-1)
+    out = torch.empty(t * n * s1, dtype=torch.float64, device=device)
+    clean = (from_alt == 0).reshape(-1)
+    if clean_logits is not None:
+        if tuple(clean_logits.shape[:1]) != (n,) or clean_logits.dim() != 2:
+            raise InvalidInputError(
+                f"clean_logits must be (N, classes) with N = {n}, got {tuple(clean_logits.shape)}"
+            )
+        img_flat = img.reshape(-1)[clean]
+        out[clean] = _scores(clean_logits.to(device)[img_flat], classes[img_flat], score)
+        run = ~clean
+    else:
+        run = torch.ones_like(clean)
+    jobs = run.nonzero().flatten()
+    uniq, inverse = torch.unique(key[jobs], sorted=True, return_inverse=True)
+    # a representative job per distinct input: its own (image, count, side) rebuild the input
+    first = torch.full((uniq.numel(),), jobs.numel(), dtype=torch.long, device=device)
+    first.scatter_reduce_(0, inverse, torch.arange(jobs.numel(), device=device), "amin")
+    rep = jobs[first]
+    rep_track, rest = rep // (n * s1), rep % (n * s1)
+    rep_img, rep_step = rest // s1, rest % s1
+    rep_k, rep_inv = counts[rep_step], inv[rep_track]
+    uniq_scores = torch.empty(uniq.numel(), dtype=torch.float64, device=device)
+    for start in range(0, uniq.numel(), batch_size):
+        sl = slice(start, start + batch_size)
+        im = rep_img[sl]
+        mask = (positions[im] < rep_k[sl, None]) != rep_inv[sl, None]
+        batch = torch.where(mask.view(-1, 1, h, w), alternative[im], images[im])
+        uniq_scores[sl] = _scores(model(batch), classes[im], score)
+    out[jobs] = uniq_scores[inverse]
     return out.view(t, n, s1)
+
+
+def _scores(logits: Tensor, classes: Tensor, score: str) -> Tensor:
+    """The ``score`` of ``classes`` per row of ``logits``, as float64 (softmax in fp32 or wider)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if score == "softmax":
+        logits = logits.softmax(dim=1)
+    return logits.gather(1, classes[:, None]).squeeze(1).double()
 
 
 def gaussian_blur(images: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:

@@ -78,7 +78,9 @@ def insertion_deletion(
     of the class predicted on the unperturbed image (``"predicted"``).
 
     Forward-only, under ``torch.inference_mode``; all steps of all images share batches of
-    ``batch_size`` on the model's device. The model is used as given (put it in eval mode).
+    ``batch_size`` on the model's device, and steps that give the same input (tied pixels with
+    ``ties="threshold"``, the unperturbed image and the baseline at the two ends) are forwarded
+    once. The model is used as given (put it in eval mode).
     """
     fn = "insertion_deletion"
     check_images(fn, images)
@@ -88,7 +90,7 @@ def insertion_deletion(
     n, _, h, w = images.shape
     counts = step_counts(h * w, steps, pixels_per_step, fn)
     with torch.inference_mode():
-        classes, _ = resolve_classes(fn, model, images, target, score_class, batch_size)
+        classes, _, logits = resolve_classes(fn, model, images, target, score_class, batch_size)
         alt, baseline_name = make_baseline(fn, images, baseline, seed=seed, noise_range=noise_range)
         pos = step_positions(heat.reshape(n, h * w), ties, descending=True)
         curves = perturbed_scores(
@@ -101,6 +103,7 @@ def insertion_deletion(
             invert=(False, True),
             score=score,
             batch_size=batch_size,
+            clean_logits=logits,
         )
     deletion_curve, insertion_curve = curves[0], curves[1]
     fractions = counts.to(device=device, dtype=torch.float64) / (h * w)

@@ -96,7 +96,7 @@ def perturbation_curve(
     used_steps = min(steps, tiles)
     counts = step_counts(tiles, None, 1, fn)[: used_steps + 1]
     with torch.inference_mode():
-        classes, _ = resolve_classes(fn, model, images, target, score_class, batch_size)
+        classes, _, logits = resolve_classes(fn, model, images, target, score_class, batch_size)
         alt, pert_name = make_baseline(fn, images, perturbation, seed=seed, noise_range=noise_range)
         tile_pos = step_positions(sums, ties, descending=(order == "morf"))
         pos = tile_pos[:, tile_of_pixel]
@@ -110,6 +110,7 @@ def perturbation_curve(
             invert=(False,),
             score=score,
             batch_size=batch_size,
+            clean_logits=logits,
         )[0]
     aopc = (curve[:, :1] - curve).mean(dim=1)
     params = {

@@ -49,7 +49,7 @@ from .layers import FunctionModule, FunctionRuleLayer, LinearRuleLayer, ModuleRu
 from .ops import PrePadding, stock_linear_forward, with_pre_padding
 from .rules import attention
 from .rules.base import ModuleRule, Pass, Rule
-from .rules.elementwise import bias_add, gate, held_constant_of, passthrough_of
+from .rules.elementwise import bias_add, gate, held_constant_of, passthrough_of, uniform_product
 from .rules.linear import LinearRule
 from .rules.normalization import AffineEpsilon, GroupNormRule, LayerNormRule
 from .rules.pooling import Proportional
@@ -223,7 +223,11 @@ PASS_FUNCTIONS: set[Any] = {
     torch.clamp_min,
 }
 PASS_FUNCTIONS |= {F.normalize}  # x / ||x|| with the norm held constant (as LayerNorm's sigma)
-PASS_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clamp_min", "hardswish", "gelu"}
+# a constant power of a signal is an element-wise function of it (StarReLU's relu(x) ** 2); the
+# uniform rule of a product gives x * x the same: all of the relevance to x
+PASS_FUNCTIONS |= {operator.pow, torch.pow, torch.square}
+PASS_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clamp_min", "hardswish", "gelu", "pow",
+                "square"}
 # Normalisation statistics of input-dependent tensors (GRN's ||x||, a hand-written norm's std):
 # held constant, as LayerNorm's sigma (Ali et al. 2022): their value is computed, detached, and
 # what is made of them only scales or shifts the signal.
@@ -1029,8 +1033,11 @@ class _Builder:
 
     def to_passthrough(self, node: fx.Node, fn: Any) -> None:
         x, *rest = node.args
-        if any(isinstance(a, fx.Node) and a in self.dep for a in rest):
+        if any(isinstance(a, fx.Node) and a in self.dep for a in (*rest, *node.kwargs.values())):
             raise self.unsupported(node, f"'{_op_name(node)}' of several input-dependent tensors")
+        if not (isinstance(x, fx.Node) and x in self.dep):  # e.g. 2 ** x: the exponent is
+            raise self.unsupported(node, f"'{_op_name(node)}' of a constant by an input-dependent "
+                                   "argument")
         kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
         with self.graph.inserting_before(node):
             new = self.graph.call_function(passthrough_of(fn), (x, *rest), kwargs)
@@ -1116,7 +1123,7 @@ class _Builder:
             fn = operator.mul if arith == "mul" else operator.truediv
             args = (b if x is a else a,)
         elif arith == "mul":
-            return self.to_gate(node)
+            return self.to_product_of_signals(node)
         else:
             raise self.unsupported(node, f"'{_op_name(node)}' of two input-dependent tensors")
         with self.graph.inserting_before(node):
@@ -1125,20 +1132,19 @@ class _Builder:
         self.dep.add(new)
         self.replace(node, new)
 
-    def to_gate(self, node: fx.Node) -> None:
+    def to_product_of_signals(self, node: fx.Node) -> None:
+        """``a * b`` of two input-dependent tensors: a gate if exactly one factor is one (all
+        relevance to the other), else the uniform rule (half to each)."""
         a, b = node.args[0], node.args[1]
         gates = [f for f in (a, b) if isinstance(f, fx.Node) and self.is_gate(f)]
-        if len(gates) != 1 or a is b:
-            raise self.unsupported(
-                node,
-                "a product of two input-dependent tensors that is not a gate (a gate is one "
-                "factor computed by a sigmoid/hard-sigmoid, as in squeeze-excitation, or by a "
-                "softmax, as in selective-kernel attention)",
-            )
-        signal = b if gates[0] is a else a
         with self.graph.inserting_before(node):
-            new = self.graph.call_function(gate, (signal, gates[0]))
-        self.kinds[new] = ("gate", None)
+            if len(gates) == 1 and a is not b:
+                signal = b if gates[0] is a else a
+                new = self.graph.call_function(gate, (signal, gates[0]))
+                self.kinds[new] = ("gate", None)
+            else:
+                new = self.graph.call_function(uniform_product, (a, b))
+                self.kinds[new] = ("product", None)
         self.dep.add(new)
         self.replace(node, new)
 
@@ -1247,6 +1253,8 @@ class _Builder:
                         value = first and isinstance(node.args[1], int | float) and node.args[1] > 0
                 elif node.target is gate:
                     value = first
+                elif node.target is uniform_product:
+                    value = all(nonneg.get(a, False) for a in node.args)
                 elif node.target in GRADIENT_FUNCTIONS:
                     value = bool(args) and all(nonneg.get(a, False) for a in args)
             elif node.op == "call_method" and _method(node) in GRADIENT_METHODS:

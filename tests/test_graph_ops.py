@@ -83,13 +83,13 @@ def test_gate_gives_all_relevance_to_the_signal() -> None:
     torch.testing.assert_close(got, expected)
 
 
-def test_product_of_two_signals_is_an_error() -> None:
-    class Square(nn.Module):
+def test_division_by_a_signal_is_an_error() -> None:
+    class Normalised(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * x
+            return x / x.sum(1, keepdim=True)
 
-    with pytest.raises(lrp.UnsupportedOperationError, match="not a gate"):
-        lrp.Explainer(Square().double())(torch.randn(2, 3, dtype=F64))
+    with pytest.raises(lrp.UnsupportedOperationError, match="'truediv' of two input-dependent"):
+        lrp.Explainer(Normalised().double())(torch.randn(2, 3, dtype=F64))
 
 
 class ThreeWay(nn.Module):

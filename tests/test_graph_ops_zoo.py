@@ -408,7 +408,7 @@ def test_normalize_passes_and_unfold_moves_relevance() -> None:
     torch.testing.assert_close(got, g)
 
 
-# ------------------------------------------------------------------ no rule: the escape hatch
+# ------------------------------------------------------------------ products and powers of signals
 class StarReLU(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -419,22 +419,98 @@ class StarReLU(nn.Module):
         return self.scale * F.relu(x) ** 2 + self.bias
 
 
-def test_op_without_rule_names_it_and_a_module_type_in_the_composite_is_one_layer() -> None:
-    """``relu(x) ** 2`` has no rule: the error names the op, the module path, the source line
-    and the escape hatch; a module type named in the composite is then one layer (all its
-    instances), here an activation whose relevance passes."""
+def test_constant_power_passes_as_an_activation() -> None:
+    """MetaFormer's ``s * relu(x) ** 2 + b`` traced op by op gives what the whole module as one
+    Pass activation gives (``zero_bias``: b absorbs nothing)."""
     torch.manual_seed(11)
     model = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), StarReLU(), nn.Flatten(),
                           nn.Linear(8, 2, bias=False)).double().eval()
     x = torch.randn(2, 2, 2, 2, dtype=F64)
-    with pytest.raises(lrp.UnsupportedOperationError, match=r"'pow' at StarReLU at '1'") as err:
-        lrp.Explainer(model)(x)
-    assert "F.relu(x) ** 2" in str(err.value) and "composite={" in str(err.value)
     r = torch.randn(2, 2, dtype=F64)
-    got = explain(model, x, r, composite={**EXACT, StarReLU: lrp.rules.Pass()})
+    got = explain(model, x, r, zero_bias=True)
     with torch.no_grad():
-        a = model[0](x)
-        h = model[1](a).flatten(1)
+        h = model[1](model[0](x)).flatten(1)
+    r_h = lrp0(model[3].weight, h, r)
+    torch.testing.assert_close(got.flatten(1), lrp0(dense(model[0], (2, 2, 2)), x.flatten(1), r_h))
+    leaf = {**EXACT, StarReLU: lrp.rules.Pass()}
+    torch.testing.assert_close(got, explain(model, x, r, composite=leaf, zero_bias=True))
+
+
+class GatedLinearUnit(nn.Module):
+    """``act(a(x)) * b(x)``: StarNet's star, GLU/SwiGLU MLPs; ``b`` one value per sample
+    (broadcast) when ``broadcast``."""
+
+    def __init__(self, broadcast: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3, bias=False)
+        self.b = nn.Linear(4, 1 if broadcast else 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.a(x)) * self.b(x)
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_product_of_two_signals_gives_half_to_each_factor(broadcast: bool) -> None:
+    """The uniform rule (AttnLRP Prop. 3.3): each factor gets half of the product's relevance
+    (summed over the copies of a broadcast factor), then its own layer's LRP-0."""
+    torch.manual_seed(12)
+    model = GatedLinearUnit(broadcast).double().eval()
+    x = torch.randn(5, 4, dtype=F64)
+    r = torch.randn(5, 3, dtype=F64)
+    got = explain(model, x, r)
+    half = r / 2
+    expected = lrp0(model.a.weight, x, half) + lrp0(model.b.weight, x,
+                                                     half.sum(1, keepdim=True) if broadcast else half)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got.sum(1), r.sum(1))  # conservative
+
+
+def test_square_of_a_signal_gives_it_all() -> None:
+    """``x * x``: both halves go to x, as ``x ** 2`` (a power passes)."""
+
+    class Square(nn.Module):
+        def __init__(self, power: bool) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3, bias=False)
+            self.power = power
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return h**2 if self.power else h * h
+
+    torch.manual_seed(13)
+    x = torch.randn(3, 4, dtype=F64)
+    r = torch.randn(3, 3, dtype=F64)
+    product = Square(power=False).double()
+    power = Square(power=True).double()
+    power.load_state_dict(product.state_dict())
+    got = explain(product, x, r)
+    torch.testing.assert_close(got, lrp0(product.fc.weight, x, r))
+    torch.testing.assert_close(explain(power, x, r), got)
+
+
+# ------------------------------------------------------------------ no rule: the escape hatch
+class CumulativeSum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(x, dim=1)
+
+
+def test_op_without_rule_names_it_and_a_module_type_in_the_composite_is_one_layer() -> None:
+    """``cumsum`` has no rule: the error names the op, the module path, the source line and the
+    escape hatch; a module type named in the composite is then one layer (all its instances),
+    here one whose relevance passes."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), CumulativeSum(), nn.Flatten(),
+                          nn.Linear(8, 2, bias=False)).double().eval()
+    x = torch.randn(2, 2, 2, 2, dtype=F64)
+    with pytest.raises(lrp.UnsupportedOperationError, match=r"'cumsum' at CumulativeSum at '1'"
+                       ) as err:
+        lrp.Explainer(model)(x)
+    assert "torch.cumsum(x, dim=1)" in str(err.value) and "composite={" in str(err.value)
+    r = torch.randn(2, 2, dtype=F64)
+    got = explain(model, x, r, composite={**EXACT, CumulativeSum: lrp.rules.Pass()})
+    with torch.no_grad():
+        h = model[1](model[0](x)).flatten(1)
     r_h = lrp0(model[3].weight, h, r)
     torch.testing.assert_close(got.flatten(1), lrp0(dense(model[0], (2, 2, 2)), x.flatten(1), r_h))
 

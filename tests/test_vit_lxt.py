@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
 from lrp.rules.attention import matmul, scaled_dot_product_attention, softmax
+from lrp.rules.elementwise import uniform_product
 
 DT = torch.float64
 LXT_MODULES = (
@@ -135,6 +136,22 @@ def test_uniform_matmul_rule_equals_lxt_explicit(lxt: types.SimpleNamespace, eps
     a2, b2 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
     ours = torch.autograd.grad(matmul(a1, b1, "attnlrp", eps), (a1, b1), R)
     theirs = torch.autograd.grad(lxt.functional.matmul(a2, b2, False, 2 * eps), (a2, b2), R)
+    for o, t in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(o, t, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape_b", [(2, 3, 4, 5), (2, 3, 1, 5)], ids=["same", "broadcast"])
+def test_uniform_product_rule_equals_lxt_explicit(lxt: types.SimpleNamespace,
+                                                  shape_b: tuple[int, ...]) -> None:
+    """The element-wise product of two signals (GLU MLPs, StarNet): LXT's ``mul2``."""
+    torch.manual_seed(2)
+    a = torch.randn(2, 3, 4, 5, dtype=DT)
+    b = torch.randn(*shape_b, dtype=DT)
+    R = torch.randn(2, 3, 4, 5, dtype=DT)
+    a1, b1 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    a2, b2 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    ours = torch.autograd.grad(uniform_product(a1, b1), (a1, b1), R)
+    theirs = torch.autograd.grad(lxt.functional.mul2(a2, b2), (a2, b2), R)
     for o, t in zip(ours, theirs, strict=True):
         torch.testing.assert_close(o, t, rtol=1e-13, atol=1e-14)
 

@@ -45,6 +45,8 @@ SWEEP = {
     "nf_regnet_b0": 32,  # weights standardised in the forward (ScaledStdConv2d)
     "convnextv2_atto": 32,  # GRN: the norm held constant, addcmul
     "ghostnetv2_100": 64,  # nearest interpolation of a gate
+    "mambaout_femto": 32,  # a product of two signals (the gated conv): the uniform rule
+    "poolformerv2_s12": 32,  # StarReLU's constant power
 }
 # the sweep's other passing CNNs (input px), slow_zoo
 SLOW = {
@@ -64,7 +66,10 @@ SLOW = {
     "ese_vovnet19b_dw": 32, "gernet_s": 32, "hgnet_tiny": 32, "hgnetv2_b0": 32,
     "nf_resnet26": 32, "nfnet_l0": 32, "dm_nfnet_f0": 32, "eca_nfnet_l0": 32,
     "inception_next_tiny": 32, "poolformer_s12": 32, "mixer_s16_224": 32, "resmlp_12_224": 32,
+    "convformer_s18": 32,
 }  # fmt: skip
+# starnet_s1 (the star, act(x1) * x2) passes the sweep, whose LRP-0 check also zeroes the conv
+# biases; with them, its bias-free denominators cancel to ~0 (sum |R| 1e63 x the logit)
 # models with attention (input px, create_model kwargs)
 ATTENTION = {
     "mobilevit_xxs": (64, {}),  # control flow on sizes: traced with the input's shapes known
@@ -83,6 +88,9 @@ ATTENTION_SLOW = {
     "pvt_v2_b0": (64, {}),
     "gcresnet33ts": (32, {}),
     "botnet26t_256": (64, {"img_size": 64}),
+    "eva02_tiny_patch14_224": (28, {"img_size": 28}),  # SwiGLU: the uniform rule
+    "caformer_s18": (32, {}),
+    "mobilevitv2_050": (64, {}),  # a softmax gate behind an eval-mode dropout
 }
 SIZE = 32
 SLOW_ZOO = pytest.mark.skipif(

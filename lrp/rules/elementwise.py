@@ -11,6 +11,11 @@ scaling and shifting by constants, and gating.
 - ``signal * gate`` (squeeze-excitation): all relevance goes to the signal and the gate is a
   constant. The gate only rescales the signal's channels; it contributes no evidence of its own,
   and the rule is conservative (METHOD.md section 5);
+- ``a * b`` of two signals, neither a gate (StarNet's star, GLU/SwiGLU MLPs, MambaOut's gated
+  conv): the uniform rule of AttnLRP (Achtibat et al. 2024, Prop. 3.3), half of the product's
+  relevance to each factor, as LXT's ``mul2``. A product is first-order in each factor and both
+  Taylor terms ``a db + b da`` equal ``a b``, so neither is preferred; exactly conservative.
+  ``x * x`` gives x all of it, as ``x ** 2`` (an element-wise function: passes);
 - a normalisation statistic of the input (a norm, standard deviation or variance: GRN's
   ``||x||``) is held constant, as LayerNorm's sigma (Ali et al. 2022): no relevance enters it,
   and scaling the signal by it passes relevance.
@@ -105,6 +110,23 @@ class _Gate(torch.autograd.Function):
 def gate(signal: Tensor, gate: Tensor) -> Tensor:
     """``signal * gate``: all relevance to the signal, none to the gate (see module docstring)."""
     return _Gate.apply(signal, gate)
+
+
+class _UniformProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor) -> Tensor:
+        ctx.shapes = a.shape, b.shape
+        return a * b
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, Tensor]:
+        half = relevance * 0.5
+        return _fit(half, ctx.shapes[0]), _fit(half, ctx.shapes[1])
+
+
+def uniform_product(a: Tensor, b: Tensor) -> Tensor:
+    """``a * b`` of two signals: half of the relevance to each factor (see module docstring)."""
+    return _UniformProduct.apply(a, b)
 
 
 @functools.cache

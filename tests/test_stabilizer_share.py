@@ -15,8 +15,8 @@ import zlib
 
 import pytest
 import torch
-from test_rules_dense import F64, assert_close, dense_layer, dense_map, neg, pos, propagate
-from test_zplus_empty import _layer, _receptive_field
+from test_rules_dense import F64, assert_close, dense_layer, dense_map, pos, propagate
+from test_zplus_empty import _layer, _positive_part, _receptive_field, _reference
 from torch import nn
 
 import lrp
@@ -58,16 +58,11 @@ def test_alpha_beta_share_flat_dense(kind: str, rule: str, nonnegative: bool, bi
     R = torch.randn(n, K, dtype=F64)
 
     W, b = dense_layer(layer, shape)
-    b = b if use_bias else torch.zeros_like(b)
-    xb, Wb = x_layer.reshape(n, 1, -1), W.unsqueeze(0)
-    c_pos = pos(xb) * pos(Wb) + neg(xb) * neg(Wb)
-    den_pos = c_pos.sum(2) + pos(b)
-    plain = alpha * propagate(c_pos, den_pos, R, EPS)
-    if beta:
-        c_neg = pos(xb) * neg(Wb) + neg(xb) * pos(Wb)
-        plain = plain - beta * propagate(c_neg, c_neg.sum(2) + neg(b), R, EPS)
-    share = alpha * R * EPS / (den_pos + EPS)
     conn = _receptive_field(layer, shape)
+    x_flat = x_layer.reshape(n, -1)
+    plain, _ = _reference(W, b, conn, x_flat, R, alpha, beta, EPS, use_bias, flat=False)
+    _, den_pos = _positive_part(W, b if use_bias else torch.zeros_like(b), x_flat)
+    share = alpha * R * EPS / (den_pos + EPS)
     assert (den_pos == 0).any() and (den_pos > 0).any()  # empty and non-empty outputs
 
     absorb = lrp.Explainer(model, composite={type(layer): make("absorb")})

@@ -60,12 +60,18 @@ def _receptive_field(layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     return (W1 != 0).to(F64)
 
 
+def _positive_part(W, b, x):
+    """Positive contributions (N, K, J) of flat samples x through the dense W, and their
+    denominators (N, K) with the positive bias."""
+    c_pos = pos(x.unsqueeze(1)) * pos(W.unsqueeze(0)) + neg(x.unsqueeze(1)) * neg(W.unsqueeze(0))
+    return c_pos, c_pos.sum(2) + pos(b)
+
+
 def _reference(W, b, conn, x, R, alpha, beta, eps, use_bias, flat=True):
     """alpha-beta on the dense matrix; empty positive denominators share alpha * R_k flat."""
     xb, Wb = x.unsqueeze(1), W.unsqueeze(0)
     bb = b if use_bias else torch.zeros_like(b)
-    c_pos = pos(xb) * pos(Wb) + neg(xb) * neg(Wb)
-    den_pos = c_pos.sum(2) + pos(bb)
+    c_pos, den_pos = _positive_part(W, bb, x)
     r = alpha * propagate(c_pos, den_pos, R, eps)
     if beta:
         c_neg = pos(xb) * neg(Wb) + neg(xb) * pos(Wb)

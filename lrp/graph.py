@@ -54,7 +54,15 @@ from .rules.linear import LinearRule
 from .rules.normalization import AffineEpsilon, GroupNormRule, LayerNormRule
 from .rules.pooling import Proportional
 from .rules.residual import ResidualMerge
-from .tracing import LEAF_FUNCTIONS, LIBRARY_PADS, Traced, scope, source, trace
+from .tracing import (
+    LEAF_FUNCTIONS,
+    LIBRARY_PADS,
+    SHAPE_ATTRIBUTES,
+    Traced,
+    scope,
+    source,
+    trace,
+)
 
 # ------------------------------------------------------------------ the operation table
 # Modules whose ordinary gradient already is the rule: max-pools (winner takes all), reshapes,
@@ -265,7 +273,6 @@ NEG = {operator.neg, torch.neg}
 # Results that carry no relevance even when computed from the input (shapes, new constants).
 SHAPE_FUNCTIONS: set[Any] = {len, torch._assert, torch.zeros_like, torch.ones_like, torch.empty_like}
 SHAPE_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
-SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
 LAYER_FUNCTIONS = {
     F.linear,
     F.conv1d,

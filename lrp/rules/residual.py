@@ -96,8 +96,8 @@ def merge_shares(
     mags = {i: terms[i] if nonneg[i] else terms[i].abs() for i in live}
     total = mags[live[0]] + mags[live[1]]
     for i in live[2:]:  # a term broadcast along some dims (x + context) widens the total
-        total = total.add_(mags[i]) if total.shape == _broadcast(total, mags[i]) else (
-            total + mags[i])
+        widened = torch.broadcast_shapes(total.shape, mags[i].shape) != total.shape
+        total = total + mags[i] if widened else total.add_(mags[i])
     total.clamp_min_(torch.finfo(total.dtype).tiny)
     for i in live[:-1]:
         # |h_i| is private unless the term itself was used: divide into its storage then (a
@@ -105,10 +105,6 @@ def merge_shares(
         private = not nonneg[i] and mags[i].shape == total.shape
         shares[i] = mags[i].div_(total) if private else mags[i] / total
     return shares
-
-
-def _broadcast(a: Tensor, b: Tensor) -> torch.Size:
-    return torch.broadcast_shapes(a.shape, b.shape)
 
 
 def _signed(terms: Sequence[Tensor], coefficients: Sequence[float]) -> list[Tensor]:

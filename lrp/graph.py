@@ -49,9 +49,23 @@ from .layers import FunctionModule, FunctionRuleLayer, LinearRuleLayer, ModuleRu
 from .ops import PrePadding, stock_linear_forward, with_pre_padding
 from .rules import attention
 from .rules.base import ModuleRule, Pass, Rule
-from .rules.elementwise import bias_add, gate, held_constant_of, passthrough_of, uniform_product
+from .rules.elementwise import (
+    bias_add,
+    gate,
+    held_constant_of,
+    held_statistic,
+    passthrough_of,
+    uniform_product,
+)
 from .rules.linear import LinearRule
-from .rules.normalization import AffineEpsilon, GroupNormRule, LayerNormRule
+from .rules.normalization import (
+    INSTANCENORM,
+    AffineEpsilon,
+    GroupNormRule,
+    InstanceNormRule,
+    LayerNormRule,
+    uses_running_stats,
+)
 from .rules.pooling import Proportional
 from .rules.residual import ResidualMerge
 from .tracing import (
@@ -119,6 +133,7 @@ PASS_MODULES = (
     nn.SELU,
     nn.CELU,
     nn.RReLU,
+    nn.RMSNorm,  # x / rms(x) * w with rms held constant (as LayerNorm's sigma): a scaling
 )
 POOL_MODULES = (
     nn.AvgPool1d,
@@ -153,6 +168,16 @@ GRADIENT_FUNCTIONS: set[Any] = {
     torch.unsqueeze,
     torch.narrow,
     torch.roll,
+    torch.flip,
+    torch.fliplr,
+    torch.flipud,
+    torch.rot90,
+    torch.tile,
+    torch.repeat_interleave,
+    torch.index_select,
+    torch.gather,
+    torch.amax,
+    torch.amin,
     torch.channel_shuffle,
     torch.pixel_shuffle,
     torch.pixel_unshuffle,
@@ -197,6 +222,16 @@ GRADIENT_METHODS = {
     "unbind",
     "narrow",
     "roll",
+    "flip",
+    "fliplr",
+    "flipud",
+    "rot90",
+    "tile",
+    "repeat_interleave",
+    "index_select",
+    "gather",
+    "amax",
+    "amin",
     "expand",
     "expand_as",
     "repeat",
@@ -230,7 +265,7 @@ PASS_FUNCTIONS: set[Any] = {
     torch.clamp,
     torch.clamp_min,
 }
-PASS_FUNCTIONS |= {F.normalize}  # x / ||x|| with the norm held constant (as LayerNorm's sigma)
+PASS_FUNCTIONS |= {F.normalize, F.rms_norm}  # x / ||x|| with the norm held constant (as LayerNorm's sigma)
 # a constant power of a signal is an element-wise function of it (StarReLU's relu(x) ** 2); the
 # uniform rule of a product gives x * x the same: all of the relevance to x
 PASS_FUNCTIONS |= {operator.pow, torch.pow, torch.square}
@@ -243,6 +278,26 @@ STATISTIC_FUNCTIONS: set[Any] = {
     torch.norm, torch.linalg.norm, torch.linalg.vector_norm, torch.std, torch.var,
 }
 STATISTIC_METHODS = {"norm", "std", "var"}
+# A factor or divisor of the signal made from a reduction of the input by element-wise
+# arithmetic only (a hand-written RMSNorm's rsqrt(mean(x ** 2) + eps), LayerNorm's sqrt(var),
+# BAT's p / p.sum()) is a normalisation statistic too: held constant where it meets the signal.
+REDUCTION_FUNCTIONS: set[Any] = {torch.mean, torch.sum, torch.amax, torch.amin,
+                                 *STATISTIC_FUNCTIONS}
+REDUCTION_METHODS = {"mean", "sum", "amax", "amin", *STATISTIC_METHODS}
+ELEMENTWISE_FUNCTIONS: set[Any] = {
+    operator.pow, torch.pow, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.square, torch.abs,
+    torch.clamp, torch.clamp_min, torch.exp, torch.log, torch.unsqueeze, torch.squeeze,
+    torch.reshape,
+}
+ELEMENTWISE_METHODS = {"pow", "sqrt", "rsqrt", "reciprocal", "square", "abs", "clamp",
+                       "clamp_min", "exp", "log", "unsqueeze", "squeeze", "view", "reshape",
+                       "expand", "expand_as", "to", "float", "double", "type_as"}
+# max/min with a dim (values and indices) or over everything: winner takes all, as max-pools
+EXTREMA_FUNCTIONS: set[Any] = {torch.max, torch.min}
+EXTREMA_METHODS = {"max", "min"}
+# x @ W with a constant 2-D W is a Linear layer (its weight W^T); addmm(b, x, W) with its bias
+MATMUL_FUNCTIONS: set[Any] = {operator.matmul, torch.matmul, torch.mm}
+MATMUL_METHODS = {"matmul", "mm"}
 # Fused arithmetic decomposed into + and * before the rules are assigned.
 FUSED_ARITHMETIC = {"addcmul": operator.mul, "addcdiv": operator.truediv}
 GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
@@ -554,6 +609,9 @@ class _Builder:
         self.index = {n: i for i, n in enumerate(self.graph.nodes)}
         self.kinds = {n: _kind(n, self) for n in self.graph.nodes}
         self.dep = self.dependent()
+        if self.hold_statistic_operands():
+            self.dep = self.dependent()
+        self.linear_products()
         self.functional_layers()
         self.fuse_padding()
         if self.s.composite.fold_batchnorm:
@@ -568,8 +626,9 @@ class _Builder:
         self.stem_pool = self.find_stem_pool()
         self.pending_merges: dict[fx.Node, list[tuple[fx.Node, float]]] = {}
         self.wrapped: set[str] = set()
+        live = self.live()
         for node in list(self.graph.nodes):
-            if node.graph is not self.graph or node not in self.dep:
+            if node.graph is not self.graph or node not in self.dep or node not in live:
                 continue
             if node.op == "call_module":
                 self.wrap_module(node)
@@ -580,10 +639,27 @@ class _Builder:
         self.mark_signs()
         self.mark_inplace_relus()
         self.add_probes()
+        self.retarget_attributes()
         self.graph.lint()
         gm = fx.GraphModule(self.root, self.graph, class_name=type(self.root).__name__)
         gm.eval()
         return Prepared(gm, self.rules, first_path, first_module)
+
+    def retarget_attributes(self) -> None:
+        """A parameter read from a module the engine wrapped (``self.norm.weight`` next to a
+        call of ``self.norm``) is read from the wrapped module (``norm.module.weight``)."""
+        for node in self.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            obj: Any = self.root
+            parts: list[str] = []
+            for part in str(node.target).split("."):
+                if isinstance(obj, ModuleRuleLayer) and part not in obj._modules | obj._parameters | obj._buffers:
+                    obj = obj.module
+                    parts.append("module")
+                obj = getattr(obj, part)
+                parts.append(part)
+            node.target = ".".join(parts)
 
     def functionalize(self) -> None:
         """In-place tensor operations (``out.mul_(g)`` whose result is not used, ``F.relu(x,
@@ -643,6 +719,92 @@ class _Builder:
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             self.graph.erase_node(node)
+
+    def is_statistic(self, node: Any, memo: dict[fx.Node, bool]) -> bool:
+        """Whether input-dependent ``node`` is a reduction of the input (a mean, sum, max or
+        norm) carried through element-wise arithmetic only."""
+        if not isinstance(node, fx.Node) or node not in self.dep:
+            return False
+        if node not in memo:
+            memo[node] = False  # no cycles in a graph; this only guards the recursion
+            if node.op == "call_method":
+                name, reduction = _method(node), _method(node) in REDUCTION_METHODS
+                elementwise = name in ELEMENTWISE_METHODS or _arith(node) is not None
+            elif node.op == "call_function":
+                reduction = node.target in REDUCTION_FUNCTIONS
+                elementwise = node.target in ELEMENTWISE_FUNCTIONS or _arith(node) is not None
+            else:
+                reduction = elementwise = False
+            deps = [a for a in node.all_input_nodes if a in self.dep]
+            memo[node] = reduction or (elementwise and bool(deps) and all(
+                self.is_statistic(a, memo) for a in deps))
+        return memo[node]
+
+    def hold_statistic_operands(self) -> bool:
+        """A statistic (:meth:`is_statistic`) that divides the signal, or multiplies it, is held
+        constant there (:func:`held_statistic`): the signal then gets all the relevance of the
+        product, as LayerNorm's input does with sigma held (Ali et al. 2022). What the statistic
+        was computed from then carries no relevance (:meth:`live`). Returns whether any was held."""
+        memo: dict[fx.Node, bool] = {}
+        held = False
+        for node in list(self.graph.nodes):
+            arith = _arith(node)
+            if arith not in ("mul", "div") or node not in self.dep or len(node.args) < 2:
+                continue
+            a, b = node.args[0], node.args[1]
+            stats = [self.is_statistic(f, memo) for f in (a, b)]
+            if not all(isinstance(f, fx.Node) and f in self.dep for f in (a, b)) or all(stats):
+                continue
+            factor = b if stats[1] else a if stats[0] and arith == "mul" else None
+            if factor is None:
+                continue
+            with self.graph.inserting_before(node):
+                new = self.graph.call_function(held_statistic, (factor,))
+            new.meta.update(factor.meta)
+            node.replace_input_with(factor, new)
+            held = True
+        return held
+
+    def live(self) -> set[fx.Node]:
+        """Input-dependent nodes the relevance reaches: those the output depends on through
+        input-dependent nodes. The rest (what only a held statistic reads) keep their op."""
+        out = next(n for n in self.graph.nodes if n.op == "output")
+        stack, live = [out], set()
+        while stack:
+            node = stack.pop()
+            for a in node.all_input_nodes:
+                if a in self.dep and a not in live:
+                    live.add(a)
+                    stack.append(a)
+        return live
+
+    def linear_products(self) -> None:
+        """``x @ W``, ``torch.mm(x, W)`` and ``torch.addmm(b, x, W)`` with a constant 2-D ``W``
+        (and ``b``) become ``F.linear(x, W^T, b)``: the composite's Linear rule, not the rule of
+        a product of two tensors."""
+        for node in list(self.graph.nodes):
+            if node not in self.dep or node.kwargs.keys() - {"input", "mat1", "mat2", "other"}:
+                continue
+            bias = None
+            if (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
+                    node.op == "call_method" and _method(node) in MATMUL_METHODS):
+                args = node.args
+            elif node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3:
+                bias, *args = node.args
+            else:
+                continue
+            if len(args) != 2 or any(isinstance(t, fx.Node) and (t in self.dep or self.reads_input(
+                    t)) for t in (args[1], bias)) or args[0] not in self.dep:
+                continue
+            if not isinstance(self.constant(args[1]), Tensor) or self.constant(args[1]).ndim != 2:
+                continue
+            with self.graph.inserting_before(node):
+                w = self.graph.call_method("t", (args[1],))
+                new = self.graph.call_function(F.linear, (args[0], w, bias))
+            self.index[w] = self.index[node]
+            self.kinds[new] = ("function", F.linear)
+            self.dep.add(new)
+            self.replace(node, new)
 
     def functional_layers(self) -> None:
         """``F.linear``/``F.conv*``/``F.*_norm`` with constant parameters become modules sharing
@@ -810,6 +972,10 @@ class _Builder:
             return GroupNormRule(eps, zero_bias)
         if isinstance(module, nn.LayerNorm):
             return LayerNormRule(eps, zero_bias)
+        if isinstance(module, INSTANCENORM):
+            if uses_running_stats(module):
+                return AffineEpsilon(eps, zero_bias)
+            return InstanceNormRule(eps, zero_bias)
         where = self.where(node)
         if isinstance(module, LINEAR_TYPES):
             raise UnsupportedLayerError(f"composite '{composite.name}' assigns no rule to {where}")
@@ -898,14 +1064,20 @@ class _Builder:
             k = _call_kwargs(target, node.args, node.kwargs) or {}
             x = k.pop("input", node.args[0])
             args, kwargs = (x, k.get("dim", -1)), {"mode": mode, "dtype": k.get("dtype")}
-        else:
-            args = node.args
+        else:  # a constant operand (a parameter: it may require grad) gets no relevance
+            args = fx.node.map_arg(node.args, lambda a: a if a in self.dep else self.detached(a))
             kwargs = {**node.kwargs, "mode": mode, "epsilon": self.options["epsilon"]}
         with self.graph.inserting_before(node):
             new = self.graph.call_function(fn, args, kwargs)
         self.kinds[new] = ("attention", fn)
         self.dep.add(new)
         self.replace(node, new)
+
+    def detached(self, node: fx.Node) -> fx.Node:
+        with self.graph.inserting_after(node):
+            new = self.graph.call_method("detach", (node,))
+        self.index[new] = self.index[node]
+        return new
 
     def tap_constants(self, node: fx.Node) -> None:
         """Constant operands of a cat/stack with input-dependent ones go through
@@ -986,6 +1158,8 @@ class _Builder:
                 return
             if name in PASS_METHODS:
                 return self.to_passthrough(node, getattr(torch, name))
+            if name in EXTREMA_METHODS and not list(_iter_nodes((node.args[1:], node.kwargs))):
+                return
             if name in POOL_METHODS:
                 return self.to_module_rule(node, POOL_METHODS[name], self.proportional())
             if name in attention.METHODS:
@@ -993,7 +1167,7 @@ class _Builder:
         elif node.op == "call_function":
             fn = node.target
             if fn is getattr:
-                if node.args[1] in ("T", "mT"):
+                if node.args[1] in ("T", "mT", "values", "indices"):
                     return
                 raise self.unsupported(node, f"attribute '{node.args[1]}' of a tensor")
             if fn in WINDOW_ATTENTION:
@@ -1008,6 +1182,8 @@ class _Builder:
                 return
             if fn in PASS_FUNCTIONS:
                 return self.to_passthrough(node, fn)
+            if fn in EXTREMA_FUNCTIONS and not list(_iter_nodes((node.args[1:], node.kwargs))):
+                return
             if fn in INTERPOLATE_FUNCTIONS:
                 if _interpolation_mode(node) in NEAREST_MODES:
                     return  # copies of inputs: the gradient sums relevance over the copies

@@ -14,7 +14,7 @@ from .linear import (
     ZPlusOnes,
 )
 from .lrn import LRNIdentity, LRNTaylor, lrn_contributions, lrn_relevance
-from .normalization import AffineEpsilon, GroupNormRule, LayerNormRule
+from .normalization import AffineEpsilon, GroupNormRule, InstanceNormRule, LayerNormRule
 from .pooling import Proportional
 from .residual import ResidualMerge
 
@@ -26,6 +26,7 @@ __all__ = [
     "Flat",
     "Gamma",
     "GroupNormRule",
+    "InstanceNormRule",
     "LRNIdentity",
     "LRNTaylor",
     "LayerNormRule",

@@ -141,3 +141,12 @@ def held_constant_of(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     call.__name__ = call.__qualname__ = f"lrp_held_{getattr(fn, '__name__', 'fn')}"
     call.held_constant = True  # type: ignore[attr-defined]
     return call
+
+
+def _statistic(t: Tensor) -> Tensor:
+    return t
+
+
+#: a normalisation statistic made of reductions and element-wise arithmetic (a hand-written
+#: RMSNorm's rsqrt(mean(x ** 2) + eps)), held constant where it scales the signal
+held_statistic = held_constant_of(_statistic)

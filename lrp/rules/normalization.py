@@ -13,7 +13,11 @@ the input gradient of the sigma-detached map at R / stab(den), in closed form: o
 no autograd graph and no dense matrix. Since sum_j c_ji = y_i - b_i, it is conservative exactly when
 zero_bias and epsilon -> 0; otherwise the bias keeps b_i / stab(y_i) of each R_i.
 
-``AffineEpsilon`` (BatchNorm in eval mode with no Linear/Conv before it to be folded into): the
+``InstanceNormRule``: InstanceNorm with each sample's statistics is GroupNorm with one group per
+channel, so the same rule.
+
+``AffineEpsilon`` (BatchNorm in eval mode with no Linear/Conv before it to be folded into, or an
+InstanceNorm using running statistics): the
 per-channel map y = a x + c, a = weight / sqrt(running_var + eps), c = bias - running_mean * a,
 under the epsilon rule: R_in = a x / stab(a x + c) * R.
 """
@@ -27,6 +31,13 @@ from ..errors import UnsupportedLayerError
 from .base import ModuleRule, stabilize
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def uses_running_stats(module: nn.Module) -> bool:
+    """An InstanceNorm in eval mode with ``track_running_stats``: a fixed affine map per channel
+    (:class:`AffineEpsilon`); otherwise it normalises each sample's channel on its own."""
+    return not module.training and getattr(module, "running_var", None) is not None
 
 
 def _grouped(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, float]:
@@ -45,8 +56,15 @@ def _grouped(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None, Tenso
         weight = None if module.weight is None else module.weight.view(view)
         bias = None if module.bias is None else module.bias.view(view)
         return x.reshape(n, module.num_groups, -1), weight, bias, module.eps
+    if isinstance(module, INSTANCENORM):  # one group per channel
+        n, c = x.shape[:2]
+        view = (c, *([1] * (x.ndim - 2)))
+        weight = None if module.weight is None else module.weight.view(view)
+        bias = None if module.bias is None else module.bias.view(view)
+        return x.reshape(n, c, -1), weight, bias, module.eps
     raise UnsupportedLayerError(
-        f"LayerNormRule applies to nn.LayerNorm and nn.GroupNorm, not {type(module).__name__}"
+        "LayerNormRule applies to nn.LayerNorm, nn.GroupNorm and nn.InstanceNorm*d, not "
+        f"{type(module).__name__}"
     )
 
 
@@ -92,6 +110,11 @@ class GroupNormRule(LayerNormRule):
     """The :class:`LayerNormRule` under the name of the module it is mapped to (nn.GroupNorm)."""
 
 
+class InstanceNormRule(LayerNormRule):
+    """The :class:`LayerNormRule` on nn.InstanceNorm1d/2d/3d normalising with each sample's own
+    statistics: GroupNorm with one group per channel."""
+
+
 class AffineEpsilon(ModuleRule):
     """An eval-mode BatchNorm on its own (pre-activation ResNets, DenseNet): y = a x + c per channel
     under the epsilon rule, R_in = a x / stab(a x + c) * R.
@@ -114,9 +137,10 @@ class AffineEpsilon(ModuleRule):
     @staticmethod
     def scale_shift(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         """(a, c) viewed to broadcast against ``x`` (N, C, *)."""
-        if not isinstance(module, _BATCHNORM):
+        if not isinstance(module, _BATCHNORM + INSTANCENORM):
             raise UnsupportedLayerError(
-                f"AffineEpsilon applies to BatchNorm1d/2d/3d, not {type(module).__name__}"
+                "AffineEpsilon applies to BatchNorm1d/2d/3d (and InstanceNorm with running "
+                f"statistics), not {type(module).__name__}"
             )
         if module.training or module.running_var is None or module.running_mean is None:
             raise UnsupportedLayerError(

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import UnresolvedStructureError
+from .errors import UnresolvedStructureError, UnsupportedOperationError
 from .ops import SamePadding
 
 # Module types with a rule or an exact gradient, when their forward is the stock one. A subclass
@@ -85,6 +85,65 @@ def _stock_forward(module: nn.Module) -> bool:
     return any(isinstance(module, t) and forward is t.forward for t in RULE_MODULE_TYPES)
 
 
+def _transformer_forward(m: nn.Module, path: str) -> Callable[..., Any] | None:
+    """The slow-path forward of ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` (a
+    subclass that keeps the stock forward included), to trace instead of the stock one; None for
+    any other module.
+
+    The stock forwards pick a fused kernel (``torch._transformer_encoder_layer_fwd``, nested
+    tensors) by Python control flow on the input and the weights, which torch.fx cannot follow,
+    and that kernel has no rule. Their slow path (what torch runs whenever autograd records, so
+    the function explained; the fused kernel computes the same up to rounding, except that it
+    takes any ``nn.GELU`` for the exact GELU) is made of parts with rules: ``self_attn`` (``nn.MultiheadAttention``), ``linear1/2``,
+    ``norm1/2``, dropout, ``activation`` (a function or a module) and the residual additions;
+    each submodule is called as itself, so keeps its path (``encoder.layers.0.self_attn``).
+    Masks and ``is_causal=True`` are refused (:class:`UnsupportedOperationError` naming ``path``).
+    """
+    def refuse_masks(kind: str, masks: dict[str, Any], is_causal: Any) -> None:
+        given = [name for name, v in masks.items() if v is not None]
+        if is_causal:
+            given.append("is_causal=True")
+        if given:
+            raise UnsupportedOperationError(
+                f"{kind} at '{path}' is called with {', '.join(given)}: the engine explains "
+                "nn.TransformerEncoder/nn.TransformerEncoderLayer without masks only. Write the "
+                "layer out by hand (its nn.MultiheadAttention takes attn_mask and "
+                "key_padding_mask) to explain a masked model."
+            )
+
+    if isinstance(m, nn.TransformerEncoderLayer) and (
+        type(m).forward is nn.TransformerEncoderLayer.forward
+    ):
+        def encoder_layer(src: Any, src_mask: Any = None, src_key_padding_mask: Any = None,
+                          is_causal: bool = False) -> Any:
+            refuse_masks("nn.TransformerEncoderLayer",
+                         {"src_mask": src_mask, "src_key_padding_mask": src_key_padding_mask},
+                         is_causal)
+            x = src  # torch's slow path, as in TransformerEncoderLayer.forward
+            if m.norm_first:
+                x = x + m._sa_block(m.norm1(x), None, None, is_causal=False)
+                x = x + m._ff_block(m.norm2(x))
+            else:
+                x = m.norm1(x + m._sa_block(x, None, None, is_causal=False))
+                x = m.norm2(x + m._ff_block(x))
+            return x
+
+        return encoder_layer
+    if isinstance(m, nn.TransformerEncoder) and type(m).forward is nn.TransformerEncoder.forward:
+        def encoder(src: Any, mask: Any = None, src_key_padding_mask: Any = None,
+                    is_causal: bool | None = None) -> Any:
+            # without src_key_padding_mask the nested-tensor path (enable_nested_tensor) is off
+            refuse_masks("nn.TransformerEncoder",
+                         {"mask": mask, "src_key_padding_mask": src_key_padding_mask}, is_causal)
+            x = src
+            for layer in m.layers:
+                x = layer(x, src_mask=None, is_causal=False, src_key_padding_mask=None)
+            return m.norm(x) if m.norm is not None else x
+
+        return encoder
+    return None
+
+
 @dataclass
 class Traced:
     """A traced model: the graph, and the node that carries each module's output (by path)."""
@@ -108,6 +167,8 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, _CONTAINERS) or any(type(m) is c for c in _USER_CONTAINERS):
             return False
+        if _transformer_forward(m, module_qualified_name) is not None:
+            return False  # call_module traces its slow path
         # other torch.nn modules (activations, pools, dropout, LSTM, attention) are leaves: the
         # engine gives them a rule or names them in an error
         return type(m).__module__.startswith("torch.nn") and type(m).forward is not nn.Module.forward
@@ -122,6 +183,8 @@ class _Tracer(fx.Tracer):
                 return x
 
             forward = chain
+        else:  # (a leaf's forward is not called)
+            forward = _transformer_forward(m, path) or forward
         out = super().call_module(m, forward, args, kwargs)
         if path and isinstance(out, fx.Proxy):
             self.outputs.append((path, out.node))

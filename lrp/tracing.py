@@ -94,37 +94,36 @@ def _transformer_forward(m: nn.Module, path: str) -> Callable[..., Any] | None:
     tensors) by Python control flow on the input and the weights, which torch.fx cannot follow,
     and that kernel has no rule. Their slow path (what torch runs whenever autograd records, so
     the function explained; the fused kernel computes the same up to rounding, except that it
-    takes any ``nn.GELU`` for the exact GELU) is made of parts with rules: ``self_attn`` (``nn.MultiheadAttention``), ``linear1/2``,
-    ``norm1/2``, dropout, ``activation`` (a function or a module) and the residual additions;
-    each submodule is called as itself, so keeps its path (``encoder.layers.0.self_attn``).
-    Masks and ``is_causal=True`` are refused (:class:`UnsupportedOperationError` naming ``path``).
+    takes any ``nn.GELU`` for the exact GELU) is made of parts with rules: ``self_attn``
+    (``nn.MultiheadAttention``), ``linear1/2``, ``norm1/2``, dropout, ``activation`` (a function
+    or a module) and the residual additions; each submodule is called as itself, so keeps its path (``encoder.layers.0.self_attn``).
+    Masks go to ``self_attn`` as given (``MultiheadAttentionLRP`` reads bool and float masks as
+    torch's ``_canonical_mask`` does, and ``is_causal`` with a mask is a hint: the mask is used).
+    Refused (:class:`UnsupportedOperationError` naming ``path``): ``is_causal=True`` without a
+    mask (torch raises), and a ``src_key_padding_mask`` given to an encoder whose nested-tensor
+    fast path may run (``enable_nested_tensor``: it zeroes the padded positions' outputs).
     """
-    def refuse_masks(kind: str, masks: dict[str, Any], is_causal: Any) -> None:
-        given = [name for name, v in masks.items() if v is not None]
-        if is_causal:
-            given.append("is_causal=True")
-        if given:
-            raise UnsupportedOperationError(
-                f"{kind} at '{path}' is called with {', '.join(given)}: the engine explains "
-                "nn.TransformerEncoder/nn.TransformerEncoderLayer without masks only. Write the "
-                "layer out by hand (its nn.MultiheadAttention takes attn_mask and "
-                "key_padding_mask) to explain a masked model."
-            )
+    def refuse(kind: str, what: str) -> None:
+        raise UnsupportedOperationError(f"{kind} at '{path}' is called with {what}")
 
     if isinstance(m, nn.TransformerEncoderLayer) and (
         type(m).forward is nn.TransformerEncoderLayer.forward
     ):
         def encoder_layer(src: Any, src_mask: Any = None, src_key_padding_mask: Any = None,
                           is_causal: bool = False) -> Any:
-            refuse_masks("nn.TransformerEncoderLayer",
-                         {"src_mask": src_mask, "src_key_padding_mask": src_key_padding_mask},
-                         is_causal)
+            if is_causal and src_mask is None:
+                refuse("nn.TransformerEncoderLayer", "is_causal=True but no src_mask (torch "
+                       "needs the mask too)")
+
+            def sa_block(x: Any) -> Any:
+                return m._sa_block(x, src_mask, src_key_padding_mask, is_causal=bool(is_causal))
+
             x = src  # torch's slow path, as in TransformerEncoderLayer.forward
             if m.norm_first:
-                x = x + m._sa_block(m.norm1(x), None, None, is_causal=False)
+                x = x + sa_block(m.norm1(x))
                 x = x + m._ff_block(m.norm2(x))
             else:
-                x = m.norm1(x + m._sa_block(x, None, None, is_causal=False))
+                x = m.norm1(x + sa_block(x))
                 x = m.norm2(x + m._ff_block(x))
             return x
 
@@ -132,12 +131,17 @@ def _transformer_forward(m: nn.Module, path: str) -> Callable[..., Any] | None:
     if isinstance(m, nn.TransformerEncoder) and type(m).forward is nn.TransformerEncoder.forward:
         def encoder(src: Any, mask: Any = None, src_key_padding_mask: Any = None,
                     is_causal: bool | None = None) -> Any:
-            # without src_key_padding_mask the nested-tensor path (enable_nested_tensor) is off
-            refuse_masks("nn.TransformerEncoder",
-                         {"mask": mask, "src_key_padding_mask": src_key_padding_mask}, is_causal)
+            if is_causal and mask is None:
+                refuse("nn.TransformerEncoder", "is_causal=True but no mask (torch needs the "
+                       "mask too)")
+            if src_key_padding_mask is not None and getattr(m, "use_nested_tensor", False):
+                refuse("nn.TransformerEncoder", "src_key_padding_mask and may take its nested-"
+                       "tensor path, which sets the padded positions' outputs to 0 (build it "
+                       "with enable_nested_tensor=False)")
             x = src
-            for layer in m.layers:
-                x = layer(x, src_mask=None, is_causal=False, src_key_padding_mask=None)
+            for layer in m.layers:  # is_causal: a hint the layers' masked attention ignores
+                x = layer(x, src_mask=mask, is_causal=bool(is_causal),
+                          src_key_padding_mask=src_key_padding_mask)
             return m.norm(x) if m.norm is not None else x
 
         return encoder

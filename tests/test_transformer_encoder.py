@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections.abc import Callable
 
 import pytest
@@ -209,37 +210,87 @@ def test_single_layer_activation_module_and_subclass() -> None:
     assert "layer.activation" in dict(lrp.Explainer(model, "epsilon").prepared_model().named_modules())
 
 
+class MaskedHandLayer(HandLayer):
+    def forward(self, x: Tensor, src_mask: Tensor | None = None,  # type: ignore[override]
+                src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        def sa(y: Tensor) -> Tensor:
+            return self.dropout1(self.self_attn(y, y, y, attn_mask=src_mask, need_weights=False,
+                                                key_padding_mask=src_key_padding_mask)[0])
+
+        if self.norm_first:
+            x = x + sa(self.norm1(x))
+            return x + self.ff(self.norm2(x))
+        x = self.norm1(x + sa(x))
+        return self.norm2(x + self.ff(x))
+
+
 class Masked(nn.Module):
-    def __init__(self, call: str) -> None:
+    """Tokens (N=2, L=4, D) through an encoder (or one layer) called with masks (buffers)."""
+
+    def __init__(self, call: str, nested: bool = False, norm_first: bool = False) -> None:
         super().__init__()
+        torch.manual_seed(0)
         self.call = call
         self.encoder = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(D, HEADS, FF, batch_first=True), 1,
-            enable_nested_tensor=False)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(4))
+            nn.TransformerEncoderLayer(D, HEADS, FF, batch_first=True, norm_first=norm_first), 2,
+            enable_nested_tensor=nested)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(4))
+        self.register_buffer("bool_mask", torch.rand(4, 4) > 0.7)
+        self.register_buffer("padding", torch.tensor([[False] * 4, [False] * 3 + [True]]))
         self.head = nn.Linear(D, CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.call == "mask":
-            x = self.encoder(x, mask=self.mask)
+        if self.call == "causal":  # a float mask, detected as causal by torch
+            x = self.encoder(x, mask=self.causal)
+        elif self.call == "causal-hint":
+            x = self.encoder(x, mask=self.causal, is_causal=True)
+        elif self.call == "bool+padding":
+            x = self.encoder(x, mask=self.bool_mask, src_key_padding_mask=self.padding)
         elif self.call == "padding":
-            x = self.encoder(x, src_key_padding_mask=torch.zeros(x.shape[:2], dtype=torch.bool))
-        elif self.call == "causal":
+            x = self.encoder(x, src_key_padding_mask=self.padding)
+        elif self.call == "hint-only":
             x = self.encoder(x, is_causal=True)
-        else:
-            x = self.encoder.layers[0](x, src_mask=self.mask)
+        else:  # one layer
+            x = self.encoder.layers[0](x, src_mask=self.bool_mask, src_key_padding_mask=self.padding)
         return self.head(x.mean(1))
 
 
-@pytest.mark.parametrize(("call", "where", "what"), [
-    ("mask", "'encoder'", "mask"),
-    ("padding", "'encoder'", "src_key_padding_mask"),
-    ("causal", "'encoder'", "is_causal=True"),
-    ("layer", "'encoder.layers.0'", "src_mask"),
+class MaskedHandEncoder(nn.Module):
+    def __init__(self, encoder: nn.TransformerEncoder) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MaskedHandLayer(layer) for layer in encoder.layers)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None,
+                src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, mask, src_key_padding_mask)
+        return x
+
+
+@pytest.mark.parametrize("call", ["causal", "causal-hint", "bool+padding", "padding", "layer"])
+def test_masks_go_to_the_attention(call: str) -> None:
+    model = Masked(call, norm_first=call == "padding").to(DT).eval()
+    x = torch.randn(2, 4, D, dtype=DT)
+    prepared = lrp.Explainer(model, "epsilon").prepared_model()
+    hand = copy.deepcopy(model)
+    hand.encoder = MaskedHandEncoder(hand.encoder)  # type: ignore[assignment]
+    with torch.no_grad():
+        torch.testing.assert_close(hand(x), model(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-12, atol=1e-12)
+    for attention in ("attnlrp", "cp"):
+        explained = lrp.Explainer(model, "epsilon", attention=attention)(x)
+        oracle = lrp.Explainer(hand, "epsilon", attention=attention)(x)
+        torch.testing.assert_close(explained.relevance, oracle.relevance, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("call", "nested", "what"), [
+    ("hint-only", False, "is_causal=True but no mask"),
+    ("padding", True, "src_key_padding_mask and may take its nested-tensor path"),
 ])
-def test_masks_are_refused_naming_the_module(call: str, where: str, what: str) -> None:
-    model = Masked(call).eval()
-    with pytest.raises(lrp.UnsupportedOperationError, match=f"at {where} is called with {what}"):
+def test_refused_calls_name_the_module(call: str, nested: bool, what: str) -> None:
+    model = Masked(call, nested=nested).eval()
+    with pytest.raises(lrp.UnsupportedOperationError,
+                       match=re.escape(f"nn.TransformerEncoder at 'encoder' is called with {what}")):
         lrp.Explainer(model, "epsilon")(torch.randn(2, 4, D))
 
 

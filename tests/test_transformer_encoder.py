@@ -4,7 +4,9 @@ The tracer replaces their stock forwards (a fused fast path and control flow tor
 follow) by torch's slow path. Independent oracle: the same ViT-like model with the encoder
 written out by hand (``x = x + self_attn(norm1(x))[0]`` ...) from the very same submodules, at
 the same paths, which the engine explains without the substitution; the relevance must agree to
-rounding, for several composites, both attention modes, norm_first, batch_first, relu/gelu.
+rounding, for several composites, both attention modes, norm_first, batch_first, relu/gelu;
+and with masks (float/bool attention masks, padding masks, the causal hint) against hand-written
+layers that pass them to ``self_attn``.
 """
 
 from __future__ import annotations

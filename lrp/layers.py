@@ -41,7 +41,9 @@ class _PassFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, module: nn.Module, inplace: bool = False) -> Tensor:
-        if inplace:  # only set where no one else holds x (see ModuleRuleLayer.inplace)
+        # only set where no one else holds x (see ModuleRuleLayer.inplace); a view (F.linear's
+        # output on 3-d input, say) cannot be modified in place inside a Function
+        if inplace and x._base is None:
             ctx.mark_dirty(x)
             return torch.relu_(x)
         output = module(x)

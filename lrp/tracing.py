@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import UnresolvedStructureError
+from .errors import UnresolvedStructureError, UnsupportedOperationError
 from .ops import SamePadding
 
 # Module types with a rule or an exact gradient, when their forward is the stock one. A subclass
@@ -85,6 +85,69 @@ def _stock_forward(module: nn.Module) -> bool:
     return any(isinstance(module, t) and forward is t.forward for t in RULE_MODULE_TYPES)
 
 
+def _transformer_forward(m: nn.Module, path: str) -> Callable[..., Any] | None:
+    """The slow-path forward of ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` (a
+    subclass that keeps the stock forward included), to trace instead of the stock one; None for
+    any other module.
+
+    The stock forwards pick a fused kernel (``torch._transformer_encoder_layer_fwd``, nested
+    tensors) by Python control flow on the input and the weights, which torch.fx cannot follow,
+    and that kernel has no rule. Their slow path (what torch runs whenever autograd records, so
+    the function explained; the fused kernel computes the same up to rounding, except that it
+    takes any ``nn.GELU`` for the exact GELU) is made of parts with rules: ``self_attn``
+    (``nn.MultiheadAttention``), ``linear1/2``, ``norm1/2``, dropout, ``activation`` (a function
+    or a module) and the residual additions; each submodule is called as itself, so keeps its path (``encoder.layers.0.self_attn``).
+    Masks go to ``self_attn`` as given (``MultiheadAttentionLRP`` reads bool and float masks as
+    torch's ``_canonical_mask`` does, and ``is_causal`` with a mask is a hint: the mask is used).
+    Refused (:class:`UnsupportedOperationError` naming ``path``): ``is_causal=True`` without a
+    mask (torch raises), and a ``src_key_padding_mask`` given to an encoder whose nested-tensor
+    fast path may run (``enable_nested_tensor``: it zeroes the padded positions' outputs).
+    """
+    def refuse(kind: str, what: str) -> None:
+        raise UnsupportedOperationError(f"{kind} at '{path}' is called with {what}")
+
+    if isinstance(m, nn.TransformerEncoderLayer) and (
+        type(m).forward is nn.TransformerEncoderLayer.forward
+    ):
+        def encoder_layer(src: Any, src_mask: Any = None, src_key_padding_mask: Any = None,
+                          is_causal: bool = False) -> Any:
+            if is_causal and src_mask is None:
+                refuse("nn.TransformerEncoderLayer", "is_causal=True but no src_mask (torch "
+                       "needs the mask too)")
+
+            def sa_block(x: Any) -> Any:
+                return m._sa_block(x, src_mask, src_key_padding_mask, is_causal=bool(is_causal))
+
+            x = src  # torch's slow path, as in TransformerEncoderLayer.forward
+            if m.norm_first:
+                x = x + sa_block(m.norm1(x))
+                x = x + m._ff_block(m.norm2(x))
+            else:
+                x = m.norm1(x + sa_block(x))
+                x = m.norm2(x + m._ff_block(x))
+            return x
+
+        return encoder_layer
+    if isinstance(m, nn.TransformerEncoder) and type(m).forward is nn.TransformerEncoder.forward:
+        def encoder(src: Any, mask: Any = None, src_key_padding_mask: Any = None,
+                    is_causal: bool | None = None) -> Any:
+            if is_causal and mask is None:
+                refuse("nn.TransformerEncoder", "is_causal=True but no mask (torch needs the "
+                       "mask too)")
+            if src_key_padding_mask is not None and getattr(m, "use_nested_tensor", False):
+                refuse("nn.TransformerEncoder", "src_key_padding_mask and may take its nested-"
+                       "tensor path, which sets the padded positions' outputs to 0 (build it "
+                       "with enable_nested_tensor=False)")
+            x = src
+            for layer in m.layers:  # is_causal: a hint the layers' masked attention ignores
+                x = layer(x, src_mask=mask, is_causal=bool(is_causal),
+                          src_key_padding_mask=src_key_padding_mask)
+            return m.norm(x) if m.norm is not None else x
+
+        return encoder
+    return None
+
+
 @dataclass
 class Traced:
     """A traced model: the graph, and the node that carries each module's output (by path)."""
@@ -108,6 +171,8 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, _CONTAINERS) or any(type(m) is c for c in _USER_CONTAINERS):
             return False
+        if _transformer_forward(m, module_qualified_name) is not None:
+            return False  # call_module traces its slow path
         # other torch.nn modules (activations, pools, dropout, LSTM, attention) are leaves: the
         # engine gives them a rule or names them in an error
         return type(m).__module__.startswith("torch.nn") and type(m).forward is not nn.Module.forward
@@ -122,6 +187,8 @@ class _Tracer(fx.Tracer):
                 return x
 
             forward = chain
+        else:  # (a leaf's forward is not called)
+            forward = _transformer_forward(m, path) or forward
         out = super().call_module(m, forward, args, kwargs)
         if path and isinstance(out, fx.Proxy):
             self.outputs.append((path, out.node))

@@ -369,14 +369,16 @@ def test_unknown_attention_module_is_named() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Linear(4, 8)
-            self.block = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+            # (nn.TransformerEncoderLayer is traced through: tests/test_transformer_encoder.py)
+            self.block = nn.TransformerDecoderLayer(8, 2, 16, batch_first=True)
             self.head = nn.Linear(8, 3)
 
         def forward(self, x: Tensor) -> Tensor:
-            return self.head(self.block(self.embed(x)).mean(1))
+            h = self.embed(x)
+            return self.head(self.block(h, h).mean(1))
 
     explainer = lrp.Explainer(Model().to(DT).eval(), "epsilon-transformer")
-    with pytest.raises(UnsupportedLayerError, match=r"TransformerEncoderLayer at 'block'"):
+    with pytest.raises(UnsupportedLayerError, match=r"TransformerDecoderLayer at 'block'"):
         explainer(torch.randn(2, 5, 4, dtype=DT))
 
 

@@ -83,10 +83,13 @@ def test_gate_gives_all_relevance_to_the_signal() -> None:
     torch.testing.assert_close(got, expected)
 
 
-def test_division_by_a_signal_is_an_error() -> None:
+def test_division_by_a_signal_that_is_no_statistic_is_an_error() -> None:
+    """``x / x.sum()`` holds the sum (tests/test_graph_handwritten.py); ``x / (x * x + 1)`` has
+    no rule."""
+
     class Normalised(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x / x.sum(1, keepdim=True)
+            return x / (x * x + 1.0)
 
     with pytest.raises(lrp.UnsupportedOperationError, match="'truediv' of two input-dependent"):
         lrp.Explainer(Normalised().double())(torch.randn(2, 3, dtype=F64))

@@ -23,6 +23,7 @@ from torch import nn
 
 import lrp
 from lrp.layers import LinearRuleLayer
+from lrp.rules import linear as linear_rules
 
 F64 = torch.float64
 
@@ -107,7 +108,13 @@ def _rule(spec: tuple, empty: str = "flat") -> lrp.rules.AlphaBeta:
 @pytest.mark.parametrize(
     "kind", ["linear", "conv1d-s2", "conv2d-g2", "conv2d-depthwise-s2", "conv2d-all"]
 )
-def test_empty_outputs_share_flat_dense(kind: str, spec: tuple, nonnegative: bool, bias: bool):
+@pytest.mark.parametrize("spread", ["dense", "sparse"])
+def test_empty_outputs_share_flat_dense(
+    kind: str, spec: tuple, nonnegative: bool, bias: bool, spread: str, monkeypatch
+):
+    """``spread``: the flat share as one spread over every output, or (CPU, where empty outputs
+    are few) added output by output (both forced here, whatever their number)."""
+    monkeypatch.setattr(linear_rules, "SPARSE_FLAT_MAX_PAIRS", 0 if spread == "dense" else 1e9)
     torch.manual_seed(zlib.crc32(repr((kind, spec, nonnegative, bias)).encode()))
     layer, shape = _layer(kind, bias)
     n = 3
@@ -343,3 +350,47 @@ def test_resnext_otsuki_conserves(dtype: torch.dtype) -> None:
         gap = (default.layer_relevance[name] - default.initial).abs() / default.initial
         assert (gap < bound).all(), (name, gap)
     assert (lrp.conservation(default) < bound).all(), lrp.conservation(default)
+
+
+@pytest.mark.parametrize("planted", [3, 40], ids=["few-planes", "most-planes"])
+@pytest.mark.parametrize("stabilizer", [1e-6, 0.0])
+def test_empty_outputs_are_found_plane_by_plane(planted: int, stabilizer: float) -> None:
+    """On the CPU the empty outputs of a convolution are searched only in the (sample, channel)
+    planes whose extreme is the stabiliser (inf for 0); the result equals the full comparison,
+    and a channel with b+ > 0 holding the value is not empty."""
+    torch.manual_seed(planted)
+    rule = lrp.rules.ZPlus(stabilizer=stabilizer)
+    layer = LinearRuleLayer(nn.Conv2d(2, 8, 3).to(F64), rule)
+    value = stabilizer if stabilizer else float("inf")
+    den = torch.rand(4, 8, 5, 5, dtype=F64) + 1.0
+    den.view(-1)[torch.randperm(den.numel())[:planted]] = value
+    bp = torch.zeros(8, dtype=F64)
+    bp[::3] = 0.5  # channels 0, 3, 6: never empty
+    got = rule._empty_mask(layer, {"bp": bp}, den)
+    expected = ((den == value) & (bp == 0).view(-1, 1, 1)).flatten().nonzero().squeeze(1)
+    assert torch.equal(got.sort().values, expected)
+
+
+@pytest.mark.parametrize("padding", [None, (1, 2, 2, 1), "tf-same"])
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_sparse_flat_share_equals_the_dense_spread(padding, groups: int, monkeypatch) -> None:
+    """The flat share added output by output (CPU, few empty outputs) equals the dense spread,
+    pre-padding (zeros that are no inputs) included."""
+    from lrp.ops import SamePadding, with_pre_padding
+
+    monkeypatch.setattr(linear_rules, "SPARSE_FLAT_MAX_PAIRS", 1e9)
+    torch.manual_seed(groups)
+    conv = nn.Conv2d(6, 12, 3, stride=2, padding=1 if padding is None else 0, dilation=1,
+                     groups=groups).to(F64)
+    if padding == "tf-same":
+        conv = with_pre_padding(conv, SamePadding((3, 3), (2, 2), (1, 1)))
+    elif padding is not None:
+        conv = with_pre_padding(conv, padding)
+    layer = LinearRuleLayer(conv, lrp.rules.ZPlus())
+    x = torch.randn(2, 6, 9, 8, dtype=F64)
+    relevance = torch.randn_like(conv(x))
+    empty = torch.rand(relevance.shape) < 0.1
+    dense = linear_rules._flat_transpose(layer, torch.where(empty, 2.0 * relevance, 0.0), x)
+    sparse = linear_rules._flat_fallback(layer, empty, relevance, x, scale=2.0)
+    assert isinstance(sparse, linear_rules._Scatter)
+    assert_close(linear_rules._add_flat(torch.zeros_like(x), sparse), dense)

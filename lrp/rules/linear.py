@@ -10,11 +10,14 @@ weights, ``input_nonnegative`` and ``cache``); ``p`` holds the modified weights 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from ..ops import SamePadding
 from .base import Rule, check_share, stabilize
 
 if TYPE_CHECKING:
@@ -123,7 +126,7 @@ class Epsilon(LinearRule):
                 empty = z == 0
             flat = _flat_fallback(layer, empty, relevance, x)
         r = layer.linear_transpose(torch.div(relevance, den, out=den), x).mul_(x)
-        return r if flat is None else r.add_(flat)
+        return _add_flat(r, flat)
 
 
 class LRP0(Epsilon):
@@ -186,24 +189,105 @@ class Gamma(LinearRule):
         )
 
 
+@dataclass(frozen=True)
+class _Scatter:
+    """Values to add at flat indices of the input relevance (a sparse flat share)."""
+
+    index: Tensor
+    values: Tensor
+
+
+def _add_flat(r: Tensor, flat: Tensor | _Scatter | None) -> Tensor:
+    """``r`` plus a flat share from :func:`_flat_fallback` (in place)."""
+    if flat is None:
+        return r
+    if isinstance(flat, Tensor):
+        return r.add_(flat)
+    r = r.contiguous()
+    r.view(-1).index_add_(0, flat.index, flat.values)
+    return r
+
+
 def _flat_fallback(
     layer: LinearRuleLayer,
     empty: Tensor | None,
     relevance: Tensor,
     x: Tensor,
     scale: float = 1.0,
-) -> Tensor | None:
-    """The flat share of the outputs marked ``empty`` (None when there are none).
+) -> Tensor | _Scatter | None:
+    """The flat share of the outputs marked ``empty`` (None when there are none), for
+    :func:`_add_flat`.
 
-    ``empty=None``: the caller proved with a cheaper test that no output is empty. On the CPU,
-    checking for empty outputs costs little and most layers have none, so the spread is skipped
-    there; on an accelerator the check would wait for the device, so the spread (a channel sum
-    and a depthwise box filter) always runs.
+    ``empty``: a mask of the outputs, or on the CPU their flat indices; None: the caller proved
+    with a cheaper test that no output is empty. On the CPU the empty outputs are listed (most layers have none, or a few thousand of millions of outputs)
+    and, where few, each one's share is added to its own receptive field (:func:`_sparse_flat`);
+    on an accelerator listing them would wait for the device, so the dense spread (a channel sum
+    and a depthwise box filter over every output) always runs.
     """
-    if empty is None or (empty.device.type == "cpu" and not bool(empty.any())):
+    if empty is None:
         return None
-    g = torch.where(empty, relevance * scale if scale != 1.0 else relevance, 0.0)
+    if empty.device.type != "cpu":
+        g = torch.where(empty, relevance * scale if scale != 1.0 else relevance, 0.0)
+        return _flat_transpose(layer, g, x)
+    where = empty if empty.dtype == torch.int64 else empty.flatten().nonzero().squeeze(1)
+    if where.numel() == 0:
+        return None
+    sparse = _sparse_flat(layer, where, relevance, x, scale)
+    if sparse is not None:
+        return sparse
+    g = torch.zeros_like(relevance, memory_format=torch.contiguous_format)
+    g.view(-1)[where] = relevance.reshape(-1)[where] * scale
     return _flat_transpose(layer, g, x)
+
+
+#: the sparse flat share is used up to this many (input, share) pairs per input element; beyond
+#: it the dense spread is faster (measured on MobileNetV3/EfficientNet depthwise layers)
+SPARSE_FLAT_MAX_PAIRS = 0.02
+
+
+def _sparse_flat(
+    layer: LinearRuleLayer, where: Tensor, relevance: Tensor, x: Tensor, scale: float
+) -> _Scatter | None:
+    """:func:`_flat_transpose` of the outputs at flat indices ``where`` only, as (input index,
+    share) pairs; None (use the dense spread) for a Linear layer, whose dense spread is one row
+    sum, or beyond :data:`SPARSE_FLAT_MAX_PAIRS`."""
+    op = layer.op
+    if op.kind == "linear":
+        return None
+    kernel = tuple(layer.weight.shape[2:])
+    c_in, sizes = x.shape[1], tuple(x.shape[2:])
+    per_group = c_in // op.groups
+    if where.numel() * math.prod(kernel) * per_group > SPARSE_FLAT_MAX_PAIRS * x.numel():
+        return None
+    device = x.device
+    coords = torch.unravel_index(where, relevance.shape)
+    n, c = coords[0], coords[1]
+    out_pos = torch.stack(coords[2:], 1)  # (E, dims)
+    left = [0] * op.dims  # pre-padding before each spatial dim: those zeros are no inputs
+    if op.pre_padding is not None:
+        amounts = (op.pre_padding.amounts(sizes) if isinstance(op.pre_padding, SamePadding)
+                   else op.pre_padding)
+        left = [amounts[2 * (op.dims - 1 - t)] if 2 * (op.dims - 1 - t) < len(amounts) else 0
+                for t in range(op.dims)]
+
+    def vec(v: Any) -> Tensor:
+        return torch.tensor(v, device=device)
+
+    taps = torch.cartesian_prod(*(torch.arange(k, device=device) for k in kernel))
+    pos = (out_pos[:, None, :] * vec(op.stride) - vec(op.padding) - vec(left)
+           + taps.view(-1, op.dims)[None] * vec(op.dilation))  # (E, taps, dims)
+    valid = ((pos >= 0) & (pos < vec(sizes))).all(-1)  # (E, taps)
+    count = (valid.sum(1) * per_group).clamp_(min=1)
+    share = relevance.flatten()[where] / count
+    if scale != 1.0:
+        share = share * scale
+    strides = [math.prod(sizes[t + 1:]) for t in range(op.dims)]
+    spatial = (pos * vec(strides)).sum(-1)  # (E, taps)
+    channels = (c // (relevance.shape[1] // op.groups))[:, None] * per_group + torch.arange(
+        per_group, device=device)  # (E, per_group)
+    index = ((n[:, None] * c_in + channels) * math.prod(sizes))[:, None, :] + spatial[:, :, None]
+    keep = valid[:, :, None].expand_as(index)
+    return _Scatter(index[keep], share[:, None, None].expand_as(index)[keep])
 
 
 def _flat_transpose(layer: LinearRuleLayer, g: Tensor, x: Tensor) -> Tensor:
@@ -308,26 +392,40 @@ class AlphaBeta(LinearRule):
     def _empty_mask(
         self, layer: LinearRuleLayer, p: dict[str, Tensor], den: Tensor
     ) -> Tensor | None:
-        """Where every positive contribution is 0, or None when none can be (CPU only).
+        """Where every positive contribution is 0: a mask, or on the CPU the flat indices of
+        those outputs (None when there are none).
 
         ``_den`` adds the stabiliser to a sum of non-negative terms (on the bias, where it
         rides on the convolution: adding exact zeros to it leaves it exact), and
         ``stabilize(., 0)`` turns an exact 0 into inf; so an empty output's denominator equals
         the stabiliser (inf when it is 0), and a channel with b+ > 0 is never empty. On the CPU
-        one reduction over the denominator (no mask, no allocation) settles the common case of
-        a layer with no empty output: the mask needs a value equal to the stabiliser (or inf).
+        a convolution's empty outputs are found plane by plane: one minimum (maximum for inf)
+        per sample and channel, then a comparison inside the planes that hold the value only,
+        since empty outputs are rare (a few thousand of millions) and a full mask costs more
+        than the rest of the fallback.
         """
         value = float("inf") if self.stabilizer == 0 else self.stabilizer
-        if den.device.type == "cpu":  # compared in den's dtype (float32 1e-7 > float64 1e-7)
-            inf = self.stabilizer == 0
-            if bool(den.amax() < value) if inf else bool(den.amin() > value):
-                return None
         bp = p.get("bp")
-        if bp is None:
-            return den == value
         # in den's dtype from the start (a float32 1e-6 cast to float64 is not 1e-6)
-        t = torch.full_like(bp, value, dtype=den.dtype).masked_fill_(bp != 0, float("nan"))
-        return den == (t if layer.op.kind == "linear" else t.view(-1, *([1] * (den.ndim - 2))))
+        t = torch.full((den.shape[-1] if layer.op.kind == "linear" else den.shape[1],), value,
+                       dtype=den.dtype, device=den.device)
+        if bp is not None:
+            t.masked_fill_(bp != 0, float("nan"))
+        if layer.op.kind == "linear":
+            if den.device.type == "cpu" and bool(
+                    den.amax() < value if value == float("inf") else den.amin() > value):
+                return None
+            mask = den == t
+            return mask.flatten().nonzero().squeeze(1) if den.device.type == "cpu" else mask
+        if den.device.type != "cpu":
+            return den == t.view(-1, *([1] * (den.ndim - 2)))
+        planes = den.flatten(2)
+        extreme = planes.amax(2) if value == float("inf") else planes.amin(2)
+        n, c = (extreme == t).nonzero(as_tuple=True)
+        if n.numel() > extreme.numel() // 4:  # empty outputs everywhere: one mask
+            return (den == t.view(-1, *([1] * (den.ndim - 2)))).flatten().nonzero().squeeze(1)
+        i, j = (planes[n, c] == t[c, None]).nonzero(as_tuple=True)
+        return (n[i] * den.shape[1] + c[i]) * planes.shape[2] + j
 
     def forward(self, layer, p, x, z):
         # positive contributions (x+ w+, x- w-, b+) sum to >= 0, negative ones (x+ w-, x- w+, b-)
@@ -364,7 +462,7 @@ class AlphaBeta(LinearRule):
             r = op.transpose(g_pos, p["wp"], x).mul_(x)
             if g_neg is not None:
                 r = r - x * op.transpose(g_neg, p["wn"], x)
-            return r if flat is None else r.add_(flat)
+            return _add_flat(r, flat)
         # x+ a + x- b, with x- b = -((-x-) b) and -x- = x+ - x made in place: one new tensor and
         # in-place passes (a boolean select is 3x slower on the CPU); the same values as
         # x * (a where x > 0, else b), the other term being an exact 0
@@ -376,7 +474,7 @@ class AlphaBeta(LinearRule):
         r.addcmul_(op.transpose(g_pos, p["wn"], x), t, value=-1.0)
         if g_neg is not None:
             r = r.sub_(r_neg.addcmul_(op.transpose(g_neg, p["wp"], x), t, value=-1.0))
-        return r if flat is None else r.add_(flat)
+        return _add_flat(r, flat)
 
 
 class ZPlus(AlphaBeta):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,13 +180,13 @@ class Explainer:
     def __call__(
         self,
         x: Tensor,
-        target: int | Tensor | None = None,
+        target: int | Sequence[int] | Tensor | None = None,
         *,
         output_relevance: Tensor | None = None,
         record_layers: bool = False,
         validate: bool = True,
     ) -> Explanation:
-        """Explain ``x`` for ``target`` (None: the predicted class).
+        """Explain ``x`` for ``target`` (None: the predicted class; an int, N ints or a LongTensor).
 
         ``output_relevance`` (N, K) replaces the one-hot initial relevance. ``record_layers`` fills
         ``layer_relevance`` with the per-sample relevance sum at every module's output.
@@ -271,6 +271,8 @@ class Explainer:
                     f"output_relevance must have the logits' shape {tuple(logits.shape)}, "
                     f"got {tuple(output_relevance.shape)}"
                 )
+            if not torch.isfinite(output_relevance).all():
+                raise InvalidInputError("output_relevance contains NaN or Inf values")
             return output_relevance.to(logits)
         if self.output == "probability":
             wide = torch.promote_types(logits.dtype, torch.float32)  # no fp16/bf16 softmax
@@ -324,13 +326,20 @@ def _check_logits(logits: Tensor, n: int, validate: bool = True) -> None:
         raise InvalidInputError(f"model output (logits) contains NaN/Inf for samples {bad}")
 
 
-def _resolve_target(target: int | Tensor | None, logits: Tensor, validate: bool = True) -> Tensor:
+def _resolve_target(
+    target: int | Sequence[int] | Tensor | None, logits: Tensor, validate: bool = True
+) -> Tensor:
     n, k = logits.shape[:2]
     if target is None:  # (N, K, ...): the class whose output sums highest
         return (logits.flatten(2).sum(2) if logits.ndim > 2 else logits).argmax(1)
+    if isinstance(target, list | tuple) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in target
+    ):
+        target = torch.tensor(target, dtype=torch.long)
     if isinstance(target, bool) or not isinstance(target, int | Tensor):
         raise InvalidInputError(
-            f"target must be None, an int or a LongTensor, got {type(target).__name__}"
+            "target must be None, an int, a list of ints or a LongTensor, got "
+            f"{type(target).__name__}"
         )
     t = torch.as_tensor(target, device=logits.device)
     if t.is_floating_point() or t.is_complex():

@@ -188,6 +188,7 @@ def test_targets() -> None:
     assert torch.allclose(e.relevance, grad_x_input(torch.full((4,), 3)), rtol=1e-9, atol=1e-12)
 
     t = torch.tensor([0, 4, 2, 1])
+    assert torch.equal(explainer(x, target=t.tolist()).relevance, explainer(x, target=t).relevance)
     e = explainer(x, target=t)
     assert torch.equal(e.target, t)
     assert torch.allclose(e.initial, logits.gather(1, t.view(-1, 1)).squeeze(1), rtol=1e-12)
@@ -411,6 +412,8 @@ def test_bad_x(x) -> None:
         torch.tensor([-1, 0]),
         True,
         "1",
+        [0, 1, 2],
+        [0.0, 1.0],
     ],
     ids=[
         "int-high",
@@ -424,6 +427,8 @@ def test_bad_x(x) -> None:
         "tensor-neg",
         "bool",
         "str",
+        "list-wrong-len",
+        "list-of-floats",
     ],
 )
 def test_bad_target(target) -> None:
@@ -436,6 +441,14 @@ def test_bad_output_relevance_shape() -> None:
     explainer = lrp.Explainer(small_cnn())
     with pytest.raises(lrp.InvalidInputError):
         explainer(inputs(2), output_relevance=torch.zeros(2, 4, dtype=F64))
+
+
+def test_non_finite_output_relevance() -> None:
+    explainer = lrp.Explainer(small_cnn())
+    r = torch.zeros(2, 5, dtype=F64)
+    r[1, 3] = float("nan")
+    with pytest.raises(lrp.InvalidInputError, match="output_relevance contains NaN"):
+        explainer(inputs(2), output_relevance=r)
 
 
 def test_nan_logits() -> None:

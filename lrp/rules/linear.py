@@ -219,24 +219,26 @@ def _flat_fallback(
     :func:`_add_flat`.
 
     ``empty``: a mask of the outputs, or on the CPU their flat indices; None: the caller proved
-    with a cheaper test that no output is empty. On the CPU the empty outputs are listed (most layers have none, or a few thousand of millions of outputs)
-    and, where few, each one's share is added to its own receptive field (:func:`_sparse_flat`);
-    on an accelerator listing them would wait for the device, so the dense spread (a channel sum
-    and a depthwise box filter over every output) always runs.
+    with a cheaper test that no output is empty. On the CPU, where the empty outputs are few (a
+    few thousand of millions, :data:`SPARSE_FLAT_MAX_PAIRS`), each one's share is added to its
+    own receptive field (:func:`_sparse_flat`); otherwise, and always on an accelerator (listing
+    them would wait for the device), the dense spread (a channel sum and a depthwise box filter
+    over every output) runs.
     """
     if empty is None:
         return None
-    if empty.device.type != "cpu":
-        g = torch.where(empty, relevance * scale if scale != 1.0 else relevance, 0.0)
-        return _flat_transpose(layer, g, x)
-    where = empty if empty.dtype == torch.int64 else empty.flatten().nonzero().squeeze(1)
-    if where.numel() == 0:
-        return None
-    sparse = _sparse_flat(layer, where, relevance, x, scale)
-    if sparse is not None:
-        return sparse
-    g = torch.zeros_like(relevance, memory_format=torch.contiguous_format)
-    g.view(-1)[where] = relevance.reshape(-1)[where] * scale
+    if empty.device.type == "cpu":
+        indices = empty.dtype != torch.bool
+        count = empty.numel() if indices else int(torch.count_nonzero(empty))
+        if count == 0:
+            return None
+        if _sparse_fits(layer, count, x):
+            where = empty if indices else empty.flatten().nonzero().squeeze(1)
+            return _sparse_flat(layer, where, relevance, x, scale)
+        if indices:
+            mask = torch.zeros(relevance.numel(), dtype=torch.bool, device=empty.device)
+            empty = mask.index_fill_(0, empty, True).view(relevance.shape)
+    g = torch.where(empty, relevance * scale if scale != 1.0 else relevance, 0.0)
     return _flat_transpose(layer, g, x)
 
 
@@ -245,20 +247,24 @@ def _flat_fallback(
 SPARSE_FLAT_MAX_PAIRS = 0.02
 
 
+def _sparse_fits(layer: LinearRuleLayer, count: int, x: Tensor) -> bool:
+    """Whether ``count`` empty outputs of a convolution are few enough for :func:`_sparse_flat`
+    (a Linear layer's dense spread is one row sum)."""
+    if layer.op.kind == "linear":
+        return False
+    pairs = count * math.prod(layer.weight.shape[2:]) * (x.shape[1] // layer.op.groups)
+    return pairs <= SPARSE_FLAT_MAX_PAIRS * x.numel()
+
+
 def _sparse_flat(
     layer: LinearRuleLayer, where: Tensor, relevance: Tensor, x: Tensor, scale: float
-) -> _Scatter | None:
+) -> _Scatter:
     """:func:`_flat_transpose` of the outputs at flat indices ``where`` only, as (input index,
-    share) pairs; None (use the dense spread) for a Linear layer, whose dense spread is one row
-    sum, or beyond :data:`SPARSE_FLAT_MAX_PAIRS`."""
+    share) pairs."""
     op = layer.op
-    if op.kind == "linear":
-        return None
     kernel = tuple(layer.weight.shape[2:])
     c_in, sizes = x.shape[1], tuple(x.shape[2:])
     per_group = c_in // op.groups
-    if where.numel() * math.prod(kernel) * per_group > SPARSE_FLAT_MAX_PAIRS * x.numel():
-        return None
     device = x.device
     coords = torch.unravel_index(where, relevance.shape)
     n, c = coords[0], coords[1]
@@ -392,19 +398,23 @@ class AlphaBeta(LinearRule):
     def _empty_mask(
         self, layer: LinearRuleLayer, p: dict[str, Tensor], den: Tensor
     ) -> Tensor | None:
-        """Where every positive contribution is 0: a mask, or on the CPU the flat indices of
-        those outputs (None when there are none).
+        """Where every positive contribution is 0: a mask, or for a convolution on the CPU where
+        they are few the flat indices of those outputs (None when there are none).
 
         ``_den`` adds the stabiliser to a sum of non-negative terms (on the bias, where it
         rides on the convolution: adding exact zeros to it leaves it exact), and
         ``stabilize(., 0)`` turns an exact 0 into inf; so an empty output's denominator equals
         the stabiliser (inf when it is 0), and a channel with b+ > 0 is never empty. On the CPU
-        a convolution's empty outputs are found plane by plane: one minimum (maximum for inf)
-        per sample and channel, then a comparison inside the planes that hold the value only,
-        since empty outputs are rare (a few thousand of millions) and a full mask costs more
-        than the rest of the fallback.
+        one reduction (the minimum, maximum for inf) settles the usual case of no empty output;
+        otherwise a convolution's are found plane by plane: one minimum per sample and channel,
+        then a comparison inside the planes that hold the value only, since empty outputs are
+        rare (a few thousand of millions) and a full mask costs more than the rest of the
+        fallback.
         """
         value = float("inf") if self.stabilizer == 0 else self.stabilizer
+        inf = value == float("inf")
+        if den.device.type == "cpu" and bool(den.amax() < value if inf else den.amin() > value):
+            return None  # the usual case on the CPU: one reduction shows there is none
         bp = p.get("bp")
         # in den's dtype from the start (a float32 1e-6 cast to float64 is not 1e-6)
         t = torch.full((den.shape[-1] if layer.op.kind == "linear" else den.shape[1],), value,
@@ -412,18 +422,14 @@ class AlphaBeta(LinearRule):
         if bp is not None:
             t.masked_fill_(bp != 0, float("nan"))
         if layer.op.kind == "linear":
-            if den.device.type == "cpu" and bool(
-                    den.amax() < value if value == float("inf") else den.amin() > value):
-                return None
-            mask = den == t
-            return mask.flatten().nonzero().squeeze(1) if den.device.type == "cpu" else mask
+            return den == t
         if den.device.type != "cpu":
             return den == t.view(-1, *([1] * (den.ndim - 2)))
         planes = den.flatten(2)
-        extreme = planes.amax(2) if value == float("inf") else planes.amin(2)
+        extreme = planes.amax(2) if inf else planes.amin(2)
         n, c = (extreme == t).nonzero(as_tuple=True)
         if n.numel() > extreme.numel() // 4:  # empty outputs everywhere: one mask
-            return (den == t.view(-1, *([1] * (den.ndim - 2)))).flatten().nonzero().squeeze(1)
+            return den == t.view(-1, *([1] * (den.ndim - 2)))
         i, j = (planes[n, c] == t[c, None]).nonzero(as_tuple=True)
         return (n[i] * den.shape[1] + c[i]) * planes.shape[2] + j
 

@@ -265,7 +265,8 @@ PASS_FUNCTIONS: set[Any] = {
     torch.clamp,
     torch.clamp_min,
 }
-PASS_FUNCTIONS |= {F.normalize, F.rms_norm}  # x / ||x|| with the norm held constant (as LayerNorm's sigma)
+# x / ||x||, x / rms(x) (times a weight) with the norm held constant (as LayerNorm's sigma)
+PASS_FUNCTIONS |= {F.normalize, F.rms_norm}
 # a constant power of a signal is an element-wise function of it (StarReLU's relu(x) ** 2); the
 # uniform rule of a product gives x * x the same: all of the relevance to x
 PASS_FUNCTIONS |= {operator.pow, torch.pow, torch.square}
@@ -726,9 +727,9 @@ class _Builder:
         if not isinstance(node, fx.Node) or node not in self.dep:
             return False
         if node not in memo:
-            memo[node] = False  # no cycles in a graph; this only guards the recursion
             if node.op == "call_method":
-                name, reduction = _method(node), _method(node) in REDUCTION_METHODS
+                name = _method(node)
+                reduction = name in REDUCTION_METHODS
                 elementwise = name in ELEMENTWISE_METHODS or _arith(node) is not None
             elif node.op == "call_function":
                 reduction = node.target in REDUCTION_FUNCTIONS
@@ -796,7 +797,8 @@ class _Builder:
             if len(args) != 2 or any(isinstance(t, fx.Node) and (t in self.dep or self.reads_input(
                     t)) for t in (args[1], bias)) or args[0] not in self.dep:
                 continue
-            if not isinstance(self.constant(args[1]), Tensor) or self.constant(args[1]).ndim != 2:
+            weight = self.constant(args[1])
+            if not isinstance(weight, Tensor) or weight.ndim != 2:
                 continue
             with self.graph.inserting_before(node):
                 w = self.graph.call_method("t", (args[1],))

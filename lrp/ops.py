@@ -145,6 +145,14 @@ class LinearOp:
         self.pre_padding = tuple(pads)
         return (0,) * len(totals)
 
+    def pre_amounts(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """The pre-padding (``F.pad`` amounts, last dim first) for spatial ``sizes``; () if none."""
+        if self.pre_padding is None:
+            return ()
+        if isinstance(self.pre_padding, SamePadding):
+            return self.pre_padding.amounts(sizes)
+        return tuple(self.pre_padding)
+
     def conv(self, x: Tensor, w: Tensor, b: Tensor | None = None, groups: int | None = None
              ) -> Tensor:
         """The layer's convolution geometry (pre-padding, stride, padding, dilation) with weight
@@ -175,8 +183,7 @@ class LinearOp:
         amounts: tuple[int, ...] = ()
         if self.pre_padding is not None:
             sizes = tuple(shape[-self.dims:])
-            amounts = (self.pre_padding.amounts(sizes) if isinstance(self.pre_padding, SamePadding)
-                       else self.pre_padding)
+            amounts = self.pre_amounts(sizes)
             padded = [n + amounts[2 * (self.dims - 1 - i)] + amounts[2 * (self.dims - 1 - i) + 1]
                       for i, n in enumerate(sizes)]
             x = x.new_empty(()).expand(*shape[:-self.dims], *padded)  # the shape only

@@ -380,10 +380,17 @@ def test_affine_addcmul_is_a_scaling_and_a_bias() -> None:
     torch.testing.assert_close(got, r * z / (y + 0.1 * torch.where(y >= 0, 1.0, -1.0)))
 
 
-def test_hand_written_layer_norm_holds_the_std_constant() -> None:
+@pytest.mark.parametrize("sigma", ["std", "mean-of-squares"])
+def test_hand_written_layer_norm_holds_the_std_constant(sigma: str) -> None:
+    """``(x - mu) / x.std()``, or ``/ sqrt(mean((x - mu) ** 2) + eps)`` (a held statistic made
+    of a reduction): a held scale does not change the relevance."""
+
     class Norm(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+            d = x - x.mean(-1, keepdim=True)
+            if sigma == "std":
+                return d / x.std(-1, keepdim=True)
+            return d / torch.sqrt((d**2).mean(-1, keepdim=True) + 1e-5)
 
     torch.manual_seed(10)
     x = torch.randn(3, 4, dtype=F64)

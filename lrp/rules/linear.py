@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..ops import SamePadding
 from .base import Rule, check_share, stabilize
 
 if TYPE_CHECKING:
@@ -269,12 +268,9 @@ def _sparse_flat(
     coords = torch.unravel_index(where, relevance.shape)
     n, c = coords[0], coords[1]
     out_pos = torch.stack(coords[2:], 1)  # (E, dims)
-    left = [0] * op.dims  # pre-padding before each spatial dim: those zeros are no inputs
-    if op.pre_padding is not None:
-        amounts = (op.pre_padding.amounts(sizes) if isinstance(op.pre_padding, SamePadding)
-                   else op.pre_padding)
-        left = [amounts[2 * (op.dims - 1 - t)] if 2 * (op.dims - 1 - t) < len(amounts) else 0
-                for t in range(op.dims)]
+    amounts = op.pre_amounts(sizes)  # pre-padding before each spatial dim: zeros, no inputs
+    left = [amounts[2 * (op.dims - 1 - t)] if 2 * (op.dims - 1 - t) < len(amounts) else 0
+            for t in range(op.dims)]
 
     def vec(v: Any) -> Tensor:
         return torch.tensor(v, device=device)

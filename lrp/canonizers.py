@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from .ops import CONV_TRANSPOSE_TYPES, scale_output_channels
+
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *CONV_TRANSPOSE_TYPES)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -40,16 +42,20 @@ def can_fold(linear: nn.Module, bn: nn.Module) -> bool:
         and isinstance(bn, BATCHNORM_TYPES)
         and bn.track_running_stats
         and bn.running_mean is not None
-        and linear.weight.shape[0] == bn.num_features
+        and _out_channels(linear) == bn.num_features
         and (not isinstance(linear, nn.Linear) or isinstance(bn, nn.BatchNorm1d))
     )
+
+
+def _out_channels(linear: nn.Module) -> int:
+    return linear.out_features if isinstance(linear, nn.Linear) else linear.out_channels
 
 
 @torch.no_grad()
 def materialize_fold(linear: nn.Module, scale: Tensor, bias: Tensor) -> None:
     """Write a fold into ``linear``'s own (private copy's) weights: for a folded layer that gets a
     weight-free rule and so runs its own forward."""
-    shape = (-1,) + (1,) * (linear.weight.ndim - 1)
     # new Parameters: the explainer's copy shares the user's tensors, which must stay untouched
-    linear.weight = nn.Parameter(linear.weight * scale.view(shape), requires_grad=False)
+    weight = scale_output_channels(linear, linear.weight, scale)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
     linear.bias = nn.Parameter(bias, requires_grad=False)

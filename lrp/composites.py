@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from .errors import InvalidInputError
+from .ops import CONV_TRANSPOSE_TYPES
 from .rules.base import Pass, Rule
 from .rules.linear import (
     LRP0,
@@ -27,7 +28,8 @@ from .rules.linear import (
 )
 from .rules.pooling import Proportional
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# transposed convolutions take the convolutions' rules (as in Zennit's Convolution type)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *CONV_TRANSPOSE_TYPES)
 DENSE_TYPES = (nn.Linear,)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -111,14 +113,14 @@ def _epsilon_gamma_box(o: dict[str, Any]) -> Composite:
     low, high = _bounds(o)
     return Composite(
         "epsilon-gamma-box",
-        _linear_map(Gamma(o["gamma"], o["stabilizer"]), _eps(o)),
+        _linear_map(Gamma(o["gamma"], o["stabilizer"], zero_bias=o["zero_bias"]), _eps(o)),
         first=ZBox(low, high, o["stabilizer"]),
     )
 
 
 def _epsilon_alpha2_beta1(o: dict[str, Any]) -> Composite:
     ab = AlphaBeta(2.0, 1.0, o["stabilizer"], empty=o["empty"],
-                   stabilizer_share=o["stabilizer_share"])
+                   stabilizer_share=o["stabilizer_share"], zero_bias=o["zero_bias"])
     return Composite("epsilon-alpha2-beta1", _linear_map(ab, _eps(o)))
 
 

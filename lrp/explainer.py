@@ -26,6 +26,12 @@ from .tracing import TraceFailure
 
 OUTPUTS = ("logit", "probability")
 
+# the input rank a model takes, from its first layer's type
+CONV_INPUT_DIMS = (
+    (nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5),
+    (nn.ConvTranspose1d, 3), (nn.ConvTranspose2d, 4), (nn.ConvTranspose3d, 5),
+)
+
 
 @dataclass
 class Explanation:
@@ -97,6 +103,7 @@ class Explainer:
         self.rules: dict[str, Rule] = {}
         self.first_layer: str | None = None
         self._first_module: nn.Module | None = None
+        self._input_channels: int | None = None
 
     # ------------------------------------------------------------------ preparation
     def _model_fingerprint(self) -> tuple:
@@ -163,6 +170,7 @@ class Explainer:
         self.rules = prepared.rules
         self.first_layer = prepared.first_layer
         self._first_module = prepared.first_module
+        self._input_channels = prepared.input_channels
         return prepared.module
 
     # ------------------------------------------------------------------ explaining
@@ -244,13 +252,19 @@ class Explainer:
             raise InvalidInputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         first = self._first_module
         expected = next(
-            (n for t, n in ((nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5)) if isinstance(first, t)),
+            (n for t, n in CONV_INPUT_DIMS if isinstance(first, t)),
             None,
         )
         if expected is not None and x.ndim != expected:
             raise InvalidInputError(
                 f"x must have {expected} dimensions (N, C, ...) for a model starting with "
                 f"{type(first).__name__}, got shape {tuple(x.shape)}"
+            )
+        channels = self._input_channels
+        if channels is not None and x.ndim == expected and x.shape[1] != channels:
+            raise InvalidInputError(
+                f"x has {x.shape[1]} channels but the model's first layer '{self.first_layer}' "
+                f"({type(first).__name__}) takes {channels}: shape {tuple(x.shape)}"
             )
         if x.ndim < 2 or x.shape[0] == 0:
             raise InvalidInputError(

@@ -464,6 +464,8 @@ class Prepared:
     rules: dict[str, Rule] = field(default_factory=dict)
     first_layer: str | None = None
     first_module: nn.Module | None = None
+    # the first layer's input channels when it reads the model's input directly (else None)
+    input_channels: int | None = None
 
 
 def prepare(
@@ -624,6 +626,11 @@ class _Builder:
         )
         first_module = self.module(self.first_node) if self.first_node is not None else None
         first_path = self.path(self.first_node) if self.first_node is not None else None
+        input_channels = None
+        if (self.first_node is not None and self.first_node.args
+                and self.first_node.args[0] is next(iter(self.graph.nodes))
+                and not isinstance(first_module, nn.Linear)):
+            input_channels = first_module.in_channels
         self.stem_pool = self.find_stem_pool()
         self.pending_merges: dict[fx.Node, list[tuple[fx.Node, float]]] = {}
         self.wrapped: set[str] = set()
@@ -644,7 +651,7 @@ class _Builder:
         self.graph.lint()
         gm = fx.GraphModule(self.root, self.graph, class_name=type(self.root).__name__)
         gm.eval()
-        return Prepared(gm, self.rules, first_path, first_module)
+        return Prepared(gm, self.rules, first_path, first_module, input_channels)
 
     def retarget_attributes(self) -> None:
         """A parameter read from a module the engine wrapped (``self.norm.weight`` next to a
@@ -1033,6 +1040,15 @@ class _Builder:
                     "itself); a linear rule would run the plain layer instead. Leave its path and "
                     "type out of the composite: the engine then traces its forward and gives the "
                     "layer call inside it the composite's rule for nn.Linear/nn.ConvNd."
+                )
+            extra = next((n for n in self.graph.nodes if n.op == "call_module"
+                          and n.target == node.target and (len(n.args) > 1 or n.kwargs)), None)
+            if extra is not None:
+                given = [*(repr(a) for a in extra.args[1:]), *extra.kwargs]
+                raise UnsupportedOperationError(
+                    f"'{path}' ({type(module).__name__}) is called with more than its input "
+                    f"({', '.join(given)}); a linear rule runs the layer on its input alone "
+                    "(for a ConvTranspose, set its output_padding instead of passing output_size)"
                 )
             scale, bias = fold if fold is not None else (None, None)
             wrapped: nn.Module = LinearRuleLayer(

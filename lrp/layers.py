@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LRPError
-from .ops import LinearOp
+from .ops import LinearOp, scale_output_channels
 from .rules.base import ModuleRule, Pass, Rule
 
 
@@ -176,7 +176,7 @@ class LinearRuleLayer(nn.Module):
             return self.weight
         if self._folded is not None:
             return self._folded
-        folded = self.weight * self.scale.view(-1, *([1] * (self.weight.ndim - 1)))
+        folded = scale_output_channels(self.module, self.weight, self.scale)
         if self.cache_weights:
             self._folded = folded
         return folded

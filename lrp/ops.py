@@ -24,6 +24,20 @@ from torch import Tensor, nn
 from .errors import UnsupportedLayerError
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def scale_output_channels(module: nn.Module, weight: Tensor, scale: Tensor) -> Tensor:
+    """``weight`` with each output channel's entries times ``scale`` (a new tensor): dim 0 of a
+    Linear/ConvNd weight; dim 1 within each group of a ConvTransposeNd weight
+    (in_channels, out_channels / groups, *kernel)."""
+    rest = (1,) * (weight.ndim - 2)
+    if isinstance(module, CONV_TRANSPOSE_TYPES):
+        groups = module.groups
+        w = weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
+        return (w * scale.view(groups, 1, -1, *rest)).view(weight.shape)
+    return weight * scale.view(-1, 1, *rest)
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,7 @@ class _PrePadded:
 
 _PADDED_CLASSES: dict[type, type] = {}
 _STOCK_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
-                   _PrePadded.forward}
+                   *(t.forward for t in CONV_TRANSPOSE_TYPES), _PrePadded.forward}
 
 
 def stock_linear_forward(module: nn.Module) -> bool:
@@ -99,17 +113,29 @@ class LinearOp:
         if isinstance(module, nn.Linear):
             self.kind = "linear"
             return
-        if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, *CONV_TRANSPOSE_TYPES)):
             raise UnsupportedLayerError(
-                f"{type(module).__name__} at '{path}' is not a Linear or ConvNd layer"
+                f"{type(module).__name__} at '{path}' is not a Linear, ConvNd or ConvTransposeNd "
+                "layer"
             )
         if module.padding_mode != "zeros":
             raise UnsupportedLayerError(
                 f"{type(module).__name__} at '{path}' uses padding_mode='{module.padding_mode}'; "
                 "only zero padding is supported"
             )
-        self.kind = "conv"
         self.dims = module.weight.ndim - 2
+        if isinstance(module, CONV_TRANSPOSE_TYPES):
+            # its transpose is the convolution with the same weight and geometry
+            self.kind = "conv_transpose"
+            self.stride = tuple(module.stride)
+            self.dilation = tuple(module.dilation)
+            self.groups = module.groups
+            self.padding = tuple(module.padding)
+            self.output_padding = tuple(module.output_padding)
+            self.pre_padding = None
+            self.pointwise = False
+            return
+        self.kind = "conv"
         self.stride = tuple(module.stride)
         self.dilation = tuple(module.dilation)
         self.groups = module.groups
@@ -145,6 +171,10 @@ class LinearOp:
         self.pre_padding = tuple(pads)
         return (0,) * len(totals)
 
+    def out_channels(self, w: Tensor) -> int:
+        """The number of outputs (channels) of the operator with weight ``w``."""
+        return w.shape[1] * self.groups if self.kind == "conv_transpose" else w.shape[0]
+
     def pre_amounts(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
         """The pre-padding (``F.pad`` amounts, last dim first) for spatial ``sizes``; () if none."""
         if self.pre_padding is None:
@@ -164,6 +194,9 @@ class LinearOp:
     def __call__(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         if self.kind == "linear":
             return F.linear(x, w, b)
+        if self.kind == "conv_transpose":
+            return _CONV_TRANSPOSE_FN[self.dims](x, w, b, self.stride, self.padding,
+                                                 self.output_padding, self.groups, self.dilation)
         return self.conv(x, w, b)
 
     def transpose(self, g: Tensor, w: Tensor, x: Tensor, groups: int | None = None) -> Tensor:
@@ -172,6 +205,8 @@ class LinearOp:
         if self.kind == "linear":
             return g.matmul(w)
         groups = groups or self.groups
+        if self.kind == "conv_transpose":
+            return _CONV_FN[self.dims](g, w, None, self.stride, self.padding, self.dilation, groups)
         if self.pointwise:
             # the 1x1 convolution with each group's weight matrix transposed: the CPU's forward
             # kernel is 25-50 % faster than its input-gradient path (no col2im), same sums

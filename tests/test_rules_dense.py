@@ -421,6 +421,20 @@ def test_epsilon_sign_of_zero_is_positive() -> None:
     assert_close(out.relevance, torch.tensor([[3.0 / 0.5 * 2.0, -3.0 / 0.5 * 2.0]], dtype=F64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_stabilize_without_zeros_is_the_same(dtype: torch.dtype) -> None:
+    """The copysign form ``stabilize`` takes where no zero was counted equals the general one
+    (magnitudes from 1e-30 to 1e3, both signs), and the general one keeps sign(-0.0) = +1."""
+    from lrp.rules.base import stabilize
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, dtype=dtype, generator=g) * torch.logspace(-30, 3, 4000, dtype=dtype)
+    for eps in (1e-6, 0.25, 1e-9):
+        assert torch.equal(stabilize(z, eps, nonzero=True), stabilize(z, eps))
+    zeros = torch.tensor([0.0, -0.0], dtype=dtype)
+    assert torch.equal(stabilize(zeros, 0.5), torch.tensor([0.5, 0.5], dtype=dtype))
+
+
 def test_gamma_zero_output_gets_no_relevance() -> None:
     layer = nn.Linear(2, 2, bias=True).to(F64)
     with torch.no_grad():

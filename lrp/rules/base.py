@@ -12,14 +12,17 @@ import torch
 from torch import Tensor, nn
 
 
-def stabilize(z: Tensor, epsilon: float) -> Tensor:
+def stabilize(z: Tensor, epsilon: float, nonzero: bool = False) -> Tensor:
     """``z + epsilon * sign(z)`` with sign(0) = +1; with ``epsilon == 0`` exact zeros become inf.
 
     An infinite denominator drops the relevance of an output whose contributions sum to exactly
-    zero instead of producing inf/NaN.
+    zero instead of producing inf/NaN. ``nonzero``: the caller counted no zero in ``z`` (so no
+    -0.0 either), and ``copysign`` gives the sign: two passes instead of five, same values.
     """
     if epsilon == 0:
         return z.masked_fill(z == 0, float("inf"))
+    if nonzero:
+        return torch.copysign(z.new_tensor(epsilon), z).add_(z)
     # sign(z) + 1/2 has the sign wanted (sign(0) = +1, also for -0.0): one new tensor and four
     # in-place passes, 5-9x faster on the CPU than a where over z + eps and z - eps (same values)
     return torch.sign(z).add_(0.5).sign_().mul_(epsilon).add_(z)

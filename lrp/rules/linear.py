@@ -109,20 +109,22 @@ class Epsilon(LinearRule):
 
     def backward(self, layer, p, x, saved, relevance):
         source = self._source(layer)
+        nonzero = False
         if source == "den":
             (den,) = saved  # private to this layer and used once: divide into its storage
         else:  # a new tensor: the kept output stays untouched
             z = saved[0] if source == "output" else layer.op(x, layer.folded_weight(), layer.bias)
-            den = stabilize(z, self.epsilon)
+            # one count on the CPU settles the usual case (no zero: no empty output, and the
+            # cheaper stabiliser); on an accelerator it would wait for the device
+            nonzero = z.device.type == "cpu" and int(torch.count_nonzero(z)) == z.numel()
+            den = stabilize(z, self.epsilon, nonzero=nonzero)
         flat = None
         if self.empty == "flat":
             if source == "den":  # stabilize() maps 0 to +eps (inf for eps = 0), and so a z
                 # within eps * 2^-24 of 0, which rounds there (float32)
                 empty = den == (self.epsilon if self.epsilon > 0 else float("inf"))
-            elif z.device.type == "cpu" and int(torch.count_nonzero(z)) == z.numel():
-                empty = None  # one count (no mask) settles the usual case on the CPU
             else:
-                empty = z == 0
+                empty = None if nonzero else z == 0
             flat = _flat_fallback(layer, empty, relevance, x)
         r = layer.linear_transpose(torch.div(relevance, den, out=den), x).mul_(x)
         return _add_flat(r, flat)

@@ -86,6 +86,22 @@ SPECS: dict[str, tuple[int, dict[str, Any], bool]] = {
     "xcit_nano_12_p16_224": (32, {"img_size": 32}, ATTN),
     "cait_xxs24_224": (32, {"img_size": 32}, ATTN),
     "resmlp_12_224": (32, {"img_size": 32}, False),
+    # added at stop 21
+    "visformer_tiny": (64, {"img_size": 64}, ATTN),
+    "csatv2": (64, {}, ATTN),  # timm Attention blocks in the last stages
+    "gcvit_xxtiny": (224, {}, ATTN),  # window attention fixed to a 7x7 last stage
+    "nextvit_small": (32, {}, ATTN),
+    "efficientvim_m1": (32, {}, ATTN),
+    "shvit_s1": (32, {}, ATTN),
+    "twins_svt_small": (32, {}, ATTN),
+    "crossvit_tiny_240": (32, {}, ATTN),
+    "davit_tiny": (32, {}, ATTN),
+    "lowformer_b0": (32, {}, ATTN),
+    "hieradet_small": (32, {}, ATTN),
+    "cpubone_b3": (32, {}, ATTN),
+    "iformer_t": (32, {}, ATTN),
+    "tnt_s_patch16_224": (224, {}, ATTN),  # Unfold + pixel/patch attention
+    "volo_d1_224": (224, {}, ATTN),  # outlook attention: Unfold, softmax, Fold
 }
 # a broad, representative list of timm families (smallest configs), beyond tests/test_zoo_timm.py
 MODELS = [
@@ -120,6 +136,12 @@ MODELS = [
     "coatnet_nano_rw_224", "maxvit_nano_rw_256", "efficientformer_l1", "efficientformerv2_s0",
     "edgenext_xx_small", "pit_ti_224", "tiny_vit_5m_224", "pvt_v2_b0", "botnet26t_256",
     "halonet26t", "efficientvit_m0", "xcit_nano_12_p16_224", "cait_xxs24_224",
+    # added at stop 21: more timm families
+    "legacy_seresnet18", "fasternet_t0", "lcnetv2_base", "cspnext_s", "swiftformer_xs",
+    "focalnet_tiny_srf", "visformer_tiny", "csatv2", "gcvit_xxtiny", "nextvit_small",
+    "efficientvim_m1", "shvit_s1", "twins_svt_small", "crossvit_tiny_240", "davit_tiny",
+    "lowformer_b0", "hieradet_small", "cpubone_b3", "iformer_t", "tnt_s_patch16_224",
+    "volo_d1_224",
 ]  # fmt: skip
 LRP0_TOLERANCE = 1e-8
 OTSUKI_TOLERANCE = 1e-4

@@ -99,6 +99,7 @@ GRADIENT_MODULES = (
     nn.ChannelShuffle,
     nn.PixelShuffle,
     nn.PixelUnshuffle,
+    nn.Unfold,  # sliding windows (copies): the gradient sums relevance over the copies
     nn.ConstantPad1d,  # ZeroPad*d are ConstantPad*d
     nn.ConstantPad2d,
     nn.ConstantPad3d,
@@ -142,6 +143,7 @@ POOL_MODULES = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
+    nn.Fold,  # sums overlapping patches: a fixed linear map with weights 1, the sum rule
 )
 GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 # Outputs that are never negative (used to prove a layer's input is >= 0).
@@ -312,6 +314,7 @@ POOL_FUNCTIONS = {
     F.adaptive_avg_pool3d,
     torch.mean,
     torch.sum,
+    F.fold,  # sums overlapping patches
 }
 POOL_METHODS = {"mean": torch.mean, "sum": torch.sum}
 # Resampling: nearest copies inputs (the gradient moves relevance, summed over the copies); the

@@ -141,6 +141,45 @@ def test_functional_pools_get_the_proportional_rule_with_the_stabilizer() -> Non
     assert (loose.sum() - r.sum()).abs() > 1e-2  # a large stabiliser absorbs relevance
 
 
+class FoldPatches(nn.Module):
+    """Overlapping 2x2 patches of the input, scaled per patch position, folded back (summed)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.unfold, self.fold = nn.Unfold(2), nn.Fold((4, 4), 2)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 8, dtype=F64).view(1, 8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.functional:
+            return F.fold(F.unfold(x, 2) * self.scale, (4, 4), 2)
+        return self.fold(self.unfold(x) * self.scale)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functional"])
+def test_unfold_moves_and_fold_sums_relevance(functional: bool) -> None:
+    """Unfold copies (its gradient sums the copies' relevance); Fold sums overlapping patches
+    (the sum rule: each patch value's share of its output, LRP-0 with stabilizer 0). Checked
+    against LRP-0 on the dense matrices of the two maps."""
+    model = FoldPatches(functional).double().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 4, 4, dtype=F64, generator=g) + 0.1
+    r = torch.rand(1, 2, 4, 4, dtype=F64, generator=g)
+    got = explain(model, x, r, stabilizer=0.0)
+    with torch.no_grad():
+        patches = (F.unfold(x, 2) * model.scale).flatten()  # the fold's inputs, (P,)
+        fold = torch.autograd.functional.jacobian(
+            lambda p: F.fold(p.view(1, 8, -1), (4, 4), 2).flatten(), patches)  # (out, P)
+        unfold = torch.autograd.functional.jacobian(
+            lambda v: (F.unfold(v.view(1, 2, 4, 4), 2) * model.scale).flatten(), x.flatten())
+    contributions = fold * patches  # LRP-0 through the fold: c_kp / sum_p c_kp
+    r_patches = (contributions / contributions.sum(1, keepdim=True) * r.flatten()[:, None]).sum(0)
+    c = unfold * x.flatten()  # each patch value is one input copy, scaled
+    expected = (c / c.sum(1, keepdim=True) * r_patches[:, None]).sum(0)
+    torch.testing.assert_close(got.flatten(), expected)
+    torch.testing.assert_close(got.sum(), r.sum())
+
+
 def test_functional_max_pool_is_winner_takes_all() -> None:
     class Pool(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

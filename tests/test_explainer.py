@@ -454,7 +454,7 @@ def test_channel_check_only_where_the_first_layer_reads_the_input() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x.expand(-1, 3, -1, -1))
 
-    result = lrp.Explainer(Gray())(inputs(2)[:, :1])
+    result = lrp.Explainer(Gray().eval())(inputs(2)[:, :1])
     assert result.relevance.shape == (2, 1, 8, 8)
 
 

@@ -26,12 +26,6 @@ from .tracing import TraceFailure
 
 OUTPUTS = ("logit", "probability")
 
-# the input rank a model takes, from its first layer's type
-CONV_INPUT_DIMS = (
-    (nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5),
-    (nn.ConvTranspose1d, 3), (nn.ConvTranspose2d, 4), (nn.ConvTranspose3d, 5),
-)
-
 
 @dataclass
 class Explanation:
@@ -251,10 +245,8 @@ class Explainer:
         if not x.is_floating_point():
             raise InvalidInputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         first = self._first_module
-        expected = next(
-            (n for t, n in CONV_INPUT_DIMS if isinstance(first, t)),
-            None,
-        )
+        # a (transposed) convolution's weight has the rank of its input: (out, in, *kernel)
+        expected = None if first is None or isinstance(first, nn.Linear) else first.weight.ndim
         if expected is not None and x.ndim != expected:
             raise InvalidInputError(
                 f"x must have {expected} dimensions (N, C, ...) for a model starting with "

@@ -124,21 +124,18 @@ class LinearOp:
                 "only zero padding is supported"
             )
         self.dims = module.weight.ndim - 2
+        self.stride = tuple(module.stride)
+        self.dilation = tuple(module.dilation)
+        self.groups = module.groups
         if isinstance(module, CONV_TRANSPOSE_TYPES):
             # its transpose is the convolution with the same weight and geometry
             self.kind = "conv_transpose"
-            self.stride = tuple(module.stride)
-            self.dilation = tuple(module.dilation)
-            self.groups = module.groups
             self.padding = tuple(module.padding)
             self.output_padding = tuple(module.output_padding)
             self.pre_padding = None
             self.pointwise = False
             return
         self.kind = "conv"
-        self.stride = tuple(module.stride)
-        self.dilation = tuple(module.dilation)
-        self.groups = module.groups
         self.pre_padding: PrePadding | None = getattr(module, "pre_padding", None)
         self.padding = self._int_padding(module)
         # a 1x1 stride-1 convolution without padding: its transpose is a 1x1 convolution too

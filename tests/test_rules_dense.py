@@ -13,6 +13,7 @@ No code is shared with lrp.rules / lrp.ops (no transposed convolutions, no modif
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import zlib
@@ -890,3 +891,41 @@ def test_linear_op_transpose_is_the_input_gradient(layer: nn.Module) -> None:
     g = torch.randn_like(y)
     (expected,) = torch.autograd.grad(y, x, g)
     assert_close(op.transpose(g, layer.weight.detach(), x), expected)
+
+
+@pytest.mark.parametrize("rule", [lrp.rules.ZPlus(), lrp.rules.AlphaBeta(2.0, 1.0)], ids=repr)
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 8, 1),  # widening: one convolution on [x+, x-] in the forward too
+        nn.Conv2d(8, 3, 1, bias=False),  # narrowing: paired transposes only
+        nn.Conv2d(3, 5, 2, padding="same"),  # asymmetric: pre-padding
+        nn.Conv1d(2, 4, 3, stride=2, padding=1),
+        nn.Conv3d(2, 3, 2, padding=1),
+    ],
+    ids=["1x1-widen", "1x1-narrow", "same-k2", "conv1d-s2", "conv3d"],
+)
+def test_sign_pair_equals_two_convolutions(
+    rule: lrp.rules.AlphaBeta, conv: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signed inputs of an ungrouped convolution: the x+ and x- terms as one convolution over
+    [x+, x-] (lrp/rules/linear.py ``_paired``) give the values of two convolutions."""
+    from lrp.rules import linear
+
+    torch.manual_seed(0)
+    conv = copy.deepcopy(conv).to(F64)
+    with torch.no_grad():
+        conv.weight.normal_()
+    x = torch.randn(2, conv.in_channels, *([6] * (conv.weight.ndim - 2)), dtype=F64)
+
+    def explain() -> torch.Tensor:
+        model = nn.Sequential(conv, nn.Flatten()).eval()
+        return lrp.Explainer(model, composite={type(conv): rule})(x).relevance
+
+    calls = []
+    pair = linear._sign_pair
+    monkeypatch.setattr(linear, "_sign_pair", lambda t: calls.append(1) or pair(t))
+    paired = explain()
+    assert calls == [1] * (conv.out_channels >= conv.in_channels)
+    monkeypatch.setattr(linear, "_paired", lambda layer: False)
+    assert_close(paired, explain(), rtol=1e-12)

@@ -21,6 +21,7 @@ from .base import Rule, check_share, stabilize
 
 if TYPE_CHECKING:
     from ..layers import LinearRuleLayer
+    from ..ops import LinearOp
 
 
 def _pos(t: Tensor | None) -> Tensor | None:
@@ -334,6 +335,40 @@ def _flat_transpose(layer: LinearRuleLayer, g: Tensor, x: Tensor) -> Tensor:
     return spread.unsqueeze(2).expand(n, groups, c_in // groups, *x.shape[2:]).reshape(x.shape)
 
 
+def _paired(layer: LinearRuleLayer) -> bool:
+    """Whether the terms of positive and negative inputs run as one convolution over
+    :func:`_sign_pair` (an ungrouped convolution on signed inputs): one call with twice the
+    input channels instead of two calls and a sum of their outputs. Grouped convolutions keep
+    two calls: with two input channels per group the CPU's kernels are 5-10x slower than
+    depthwise ones."""
+    return not layer.input_nonnegative and layer.op.kind == "conv" and layer.op.groups == 1
+
+
+def _sign_pair(x: Tensor) -> Tensor:
+    """[x+, x-] along the channels (the input of a convolution with weight [W_a, W_b])."""
+    c = x.shape[1]
+    pair = x.new_empty((x.shape[0], 2 * c, *x.shape[2:]))
+    torch.clamp(x, min=0, out=pair[:, :c])
+    torch.clamp(x, max=0, out=pair[:, c:])
+    return pair
+
+
+def _transpose_pair(op: LinearOp, g: Tensor, w_a: Tensor, w_b: Tensor, x: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    """(T(g, w_a), T(g, w_b)) from one transposed convolution with weight [w_a, w_b] (views
+    into one tensor)."""
+    c = x.shape[1]
+    both = op.transpose(g, torch.cat([w_a, w_b], 1),
+                        x.new_empty(()).expand(x.shape[0], 2 * c, *x.shape[2:]))
+    return both[:, :c], both[:, c:]
+
+
+def _signed_product(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """x+ a + x- b (a new tensor; ``a``'s storage is reused as scratch)."""
+    r = torch.relu(x).mul_(a)
+    return r.addcmul_(b, torch.clamp(x, max=0, out=a))
+
+
 class AlphaBeta(LinearRule):
     """alpha * positive share - beta * negative share of each output's relevance (alpha - beta = 1).
 
@@ -451,6 +486,16 @@ class AlphaBeta(LinearRule):
         # to <= 0. x+ is a temporary: only the denominators are saved (the layer saves x), so a
         # layer on signed inputs keeps one input-sized tensor alive, as its gradient does
         wp, wn = p["wp"], p.get("wn")
+        if _paired(layer) and layer.op.out_channels(wp) >= x.shape[1]:
+            # both signs in one convolution: saves the output-sized sum, which costs more than
+            # the doubled input when the layer widens (MBConv expansions, 1.5-2x faster)
+            xs = _sign_pair(x)
+            dens = [self._den(layer, xs, torch.cat([wp, wn], 1), p.get("bp"), True)]
+            if self.beta:
+                dens.append(self._den(layer, xs, torch.cat([wn, wp], 1), p.get("bn"), False))
+            del xs
+            return (self._stabilized(dens[0], True),
+                    *(self._stabilized(d, False) for d in dens[1:]))
         xp = x if layer.input_nonnegative else torch.relu(x)
         dens = [self._den(layer, xp, wp, p.get("bp"), True)]
         if self.beta:
@@ -481,6 +526,11 @@ class AlphaBeta(LinearRule):
             r = op.transpose(g_pos, p["wp"], x).mul_(x)
             if g_neg is not None:
                 r = r - x * op.transpose(g_neg, p["wn"], x)
+            return _add_flat(r, flat)
+        if _paired(layer):  # x+ T(g, w+) + x- T(g, w-): both transposes in one
+            r = _signed_product(x, *_transpose_pair(op, g_pos, p["wp"], p["wn"], x))
+            if g_neg is not None:
+                r.sub_(_signed_product(x, *_transpose_pair(op, g_neg, p["wn"], p["wp"], x)))
             return _add_flat(r, flat)
         # x+ a + x- b, with x- b = -((-x-) b) and -x- = x+ - x made in place: one new tensor and
         # in-place passes (a boolean select is 3x slower on the CPU); the same values as

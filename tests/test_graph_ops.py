@@ -83,6 +83,17 @@ def test_gate_gives_all_relevance_to_the_signal() -> None:
     torch.testing.assert_close(got, expected)
 
 
+def test_gate_branch_is_not_run_backward() -> None:
+    """The gate's branch gets no relevance, so autograd must not run its rules at all (a zero
+    relevance materialised for it would cost the gate's pool over the whole signal, its
+    convolutions and activations): recorded relevance reaches the signal's layer only."""
+    torch.manual_seed(0)
+    model = Gated().double().eval()
+    e = lrp.Explainer(model, composite="lrp-0")(torch.randn(2, 4, dtype=F64), record_layers=True)
+    assert "signal" in e.layer_relevance
+    assert "gate_fc" not in e.layer_relevance
+
+
 def test_division_by_a_signal_that_is_no_statistic_is_an_error() -> None:
     """``x / x.sum()`` holds the sum (tests/test_graph_handwritten.py); ``x / (x * x + 1)`` has
     no rule."""

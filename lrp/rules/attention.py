@@ -190,8 +190,8 @@ def matmul(a: Tensor, b: Tensor, mode: str = "attnlrp", epsilon: float = 1e-6) -
         )
     if epsilon < 0:
         raise InvalidInputError(f"attention matmul: epsilon must be >= 0, got {epsilon}")
-    if not a.requires_grad or (mode == "cp" and b.requires_grad):
-        return _MatmulConstFirst.apply(a, b, float(epsilon))
+    if not a.requires_grad or (mode == "cp" and b.requires_grad):  # a detached: its branch
+        return _MatmulConstFirst.apply(a.detach(), b, float(epsilon))  # never runs
     if not b.requires_grad:  # a product with a constant is linear: all relevance to a
         return _MatmulConstFirst.apply(
             b.transpose(-1, -2), a.transpose(-1, -2), float(epsilon)

@@ -108,8 +108,12 @@ class _Gate(torch.autograd.Function):
 
 
 def gate(signal: Tensor, gate: Tensor) -> Tensor:
-    """``signal * gate``: all relevance to the signal, none to the gate (see module docstring)."""
-    return _Gate.apply(signal, gate)
+    """``signal * gate``: all relevance to the signal, none to the gate (see module docstring).
+
+    The gate enters detached: autograd then never runs the gate branch's rules (a zero
+    relevance returned for it would still be materialised and propagated through them: the
+    squeeze-excitation's pool over the whole signal, its convolutions and activations)."""
+    return _Gate.apply(signal, gate.detach())
 
 
 class _UniformProduct(torch.autograd.Function):

@@ -353,13 +353,11 @@ def _sign_pair(x: Tensor) -> Tensor:
     return pair
 
 
-def _transpose_pair(op: LinearOp, g: Tensor, w_a: Tensor, w_b: Tensor, x: Tensor
-                    ) -> tuple[Tensor, Tensor]:
-    """(T(g, w_a), T(g, w_b)) from one transposed convolution with weight [w_a, w_b] (views
-    into one tensor)."""
+def _transpose_pair(op: LinearOp, g: Tensor, pair: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(T(g, w_a), T(g, w_b)) from one transposed convolution with the weight
+    ``pair`` = [w_a, w_b] along the input channels (views into one tensor)."""
     c = x.shape[1]
-    both = op.transpose(g, torch.cat([w_a, w_b], 1),
-                        x.new_empty(()).expand(x.shape[0], 2 * c, *x.shape[2:]))
+    both = op.transpose(g, pair, x.new_empty(()).expand(x.shape[0], 2 * c, *x.shape[2:]))
     return both[:, :c], both[:, c:]
 
 
@@ -417,9 +415,19 @@ class AlphaBeta(LinearRule):
 
     def prepare(self, weight, bias, input_nonnegative, private=False):
         out = {}
-        if self.beta or not input_nonnegative:  # z+ on inputs >= 0 never needs W-
-            out["wn"] = weight.clamp(max=0)
-        out["wp"] = weight.clamp_(min=0) if private else weight.clamp(min=0)
+        if not input_nonnegative and weight.ndim > 2:
+            # a convolution on signed inputs: [W+, W-] along the input channels, the weight of
+            # the paired convolution (``_paired``); W+ and W- are views into it (no third copy)
+            c = weight.shape[1]
+            out["wpn"] = pair = weight.new_empty((weight.shape[0], 2 * c, *weight.shape[2:]))
+            out["wp"] = torch.clamp(weight, min=0, out=pair[:, :c])
+            out["wn"] = torch.clamp(weight, max=0, out=pair[:, c:])
+            if self.beta:
+                out["wnp"] = torch.cat([out["wn"], out["wp"]], 1)
+        else:
+            if self.beta or not input_nonnegative:  # z+ on inputs >= 0 never needs W-
+                out["wn"] = weight.clamp(max=0)
+            out["wp"] = weight.clamp_(min=0) if private else weight.clamp(min=0)
         if bias is not None and self.use_bias:
             out["bp"] = _pos(bias)
             if self.beta:
@@ -490,9 +498,9 @@ class AlphaBeta(LinearRule):
             # both signs in one convolution: saves the output-sized sum, which costs more than
             # the doubled input when the layer widens (MBConv expansions, 1.5-2x faster)
             xs = _sign_pair(x)
-            dens = [self._den(layer, xs, torch.cat([wp, wn], 1), p.get("bp"), True)]
+            dens = [self._den(layer, xs, p["wpn"], p.get("bp"), True)]
             if self.beta:
-                dens.append(self._den(layer, xs, torch.cat([wn, wp], 1), p.get("bn"), False))
+                dens.append(self._den(layer, xs, p["wnp"], p.get("bn"), False))
             del xs
             return (self._stabilized(dens[0], True),
                     *(self._stabilized(d, False) for d in dens[1:]))
@@ -528,9 +536,9 @@ class AlphaBeta(LinearRule):
                 r = r - x * op.transpose(g_neg, p["wn"], x)
             return _add_flat(r, flat)
         if _paired(layer):  # x+ T(g, w+) + x- T(g, w-): both transposes in one
-            r = _signed_product(x, *_transpose_pair(op, g_pos, p["wp"], p["wn"], x))
+            r = _signed_product(x, *_transpose_pair(op, g_pos, p["wpn"], x))
             if g_neg is not None:
-                r.sub_(_signed_product(x, *_transpose_pair(op, g_neg, p["wn"], p["wp"], x)))
+                r.sub_(_signed_product(x, *_transpose_pair(op, g_neg, p["wnp"], x)))
             return _add_flat(r, flat)
         # x+ a + x- b, with x- b = -((-x-) b) and -x- = x+ - x made in place: one new tensor and
         # in-place passes (a boolean select is 3x slower on the CPU); the same values as

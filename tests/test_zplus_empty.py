@@ -35,6 +35,8 @@ def _layer(kind: str, bias: bool) -> tuple[nn.Module, tuple[int, ...]]:
         layer, shape = nn.Conv1d(2, 4, 3, stride=2, padding=1, bias=bias), (2, 7)
     elif kind == "conv2d-g2":
         layer, shape = nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=bias), (4, 5, 5)
+    elif kind == "conv2d-depthwise":  # one output channel per group: no sum over a group
+        layer, shape = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=bias), (3, 5, 6)
     elif kind == "conv2d-depthwise-s2":
         layer, shape = nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=3, bias=bias), (3, 5, 6)
     elif kind == "conv2d-all":
@@ -106,7 +108,8 @@ def _rule(spec: tuple, empty: str = "flat") -> lrp.rules.AlphaBeta:
 @pytest.mark.parametrize("nonnegative", [True, False], ids=["after-relu", "signed-input"])
 @pytest.mark.parametrize("spec", RULES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize(
-    "kind", ["linear", "conv1d-s2", "conv2d-g2", "conv2d-depthwise-s2", "conv2d-all"]
+    "kind",
+    ["linear", "conv1d-s2", "conv2d-g2", "conv2d-depthwise", "conv2d-depthwise-s2", "conv2d-all"],
 )
 @pytest.mark.parametrize("spread", ["dense", "sparse"])
 def test_empty_outputs_share_flat_dense(

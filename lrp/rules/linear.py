@@ -328,7 +328,9 @@ def _flat_transpose(layer: LinearRuleLayer, g: Tensor, x: Tensor) -> Tensor:
         taps = op.conv(ones, box, groups=1)
         counts = layer.cache[key] = (taps * (c_in // groups)).clamp_(min=1)
     n = g.shape[0]
-    per_group = (g / counts).view(n, groups, -1, *g.shape[2:]).sum(2)  # (N, G, *out)
+    per_group = g / counts
+    if g.shape[1] != groups:  # each group's outputs share one spread: their sum (N, G, *out)
+        per_group = per_group.view(n, groups, -1, *g.shape[2:]).sum(2)
     spread = op.transpose(
         per_group, box.expand(groups, 1, *kernel), x.new_empty(()).expand(n, groups, *x.shape[2:]),
         groups=groups)

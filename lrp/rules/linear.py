@@ -341,7 +341,7 @@ def _paired(layer: LinearRuleLayer) -> bool:
     """Whether the terms of positive and negative inputs run as one convolution over
     :func:`_sign_pair` (an ungrouped convolution on signed inputs): one call with twice the
     input channels instead of two calls and a sum of their outputs. Grouped convolutions keep
-    two calls: with two input channels per group the CPU's kernels are 5-10x slower than
+    two calls: with two input channels per group the CPU's kernels were 2-25x slower than
     depthwise ones."""
     return not layer.input_nonnegative and layer.op.kind == "conv" and layer.op.groups == 1
 

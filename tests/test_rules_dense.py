@@ -924,7 +924,13 @@ def test_sign_pair_equals_two_convolutions(
 
     calls = []
     pair = linear._sign_pair
-    monkeypatch.setattr(linear, "_sign_pair", lambda t: calls.append(1) or pair(t))
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] == len(x):  # an activation (weights are paired too: dim 0 is no batch)
+            calls.append(1)
+        return pair(t)
+
+    monkeypatch.setattr(linear, "_sign_pair", spy)
     paired = explain()
     assert calls == [1] * (conv.out_channels >= conv.in_channels)
     monkeypatch.setattr(linear, "_paired", lambda layer: False)

@@ -347,7 +347,8 @@ def _paired(layer: LinearRuleLayer) -> bool:
 
 
 def _sign_pair(x: Tensor) -> Tensor:
-    """[x+, x-] along the channels (the input of a convolution with weight [W_a, W_b])."""
+    """[x+, x-] along dim 1: the input of a convolution with weight [W_a, W_b], or for a
+    weight, [W+, W-] along its input channels."""
     c = x.shape[1]
     pair = x.new_empty((x.shape[0], 2 * c, *x.shape[2:]))
     torch.clamp(x, min=0, out=pair[:, :c])
@@ -421,9 +422,8 @@ class AlphaBeta(LinearRule):
             # a convolution on signed inputs: [W+, W-] along the input channels, the weight of
             # the paired convolution (``_paired``); W+ and W- are views into it (no third copy)
             c = weight.shape[1]
-            out["wpn"] = pair = weight.new_empty((weight.shape[0], 2 * c, *weight.shape[2:]))
-            out["wp"] = torch.clamp(weight, min=0, out=pair[:, :c])
-            out["wn"] = torch.clamp(weight, max=0, out=pair[:, c:])
+            out["wpn"] = pair = _sign_pair(weight)
+            out["wp"], out["wn"] = pair[:, :c], pair[:, c:]
             if self.beta:
                 out["wnp"] = torch.cat([out["wn"], out["wp"]], 1)
         else:
@@ -492,9 +492,16 @@ class AlphaBeta(LinearRule):
         return (n[i] * den.shape[1] + c[i]) * planes.shape[2] + j
 
     def forward(self, layer, p, x, z):
-        # positive contributions (x+ w+, x- w-, b+) sum to >= 0, negative ones (x+ w-, x- w+, b-)
-        # to <= 0. x+ is a temporary: only the denominators are saved (the layer saves x), so a
-        # layer on signed inputs keeps one input-sized tensor alive, as its gradient does
+        dens = self._dens(layer, p, x)
+        return (self._stabilized(dens[0], True), *(self._stabilized(d, False) for d in dens[1:]))
+
+    def _dens(self, layer: LinearRuleLayer, p: dict[str, Tensor], x: Tensor) -> list[Tensor]:
+        """The positive and (if beta) negative denominators, before :meth:`_stabilized`.
+
+        Positive contributions (x+ w+, x- w-, b+) sum to >= 0, negative ones (x+ w-, x- w+, b-)
+        to <= 0. x+ is a temporary: only the denominators are saved (the layer saves x), so a
+        layer on signed inputs keeps one input-sized tensor alive, as its gradient does.
+        """
         wp, wn = p["wp"], p.get("wn")
         if _paired(layer) and layer.op.out_channels(wp) >= x.shape[1]:
             # both signs in one convolution: saves the output-sized sum, which costs more than
@@ -503,9 +510,7 @@ class AlphaBeta(LinearRule):
             dens = [self._den(layer, xs, p["wpn"], p.get("bp"), True)]
             if self.beta:
                 dens.append(self._den(layer, xs, p["wnp"], p.get("bn"), False))
-            del xs
-            return (self._stabilized(dens[0], True),
-                    *(self._stabilized(d, False) for d in dens[1:]))
+            return dens
         xp = x if layer.input_nonnegative else torch.relu(x)
         dens = [self._den(layer, xp, wp, p.get("bp"), True)]
         if self.beta:
@@ -516,7 +521,7 @@ class AlphaBeta(LinearRule):
             dens[0].sub_(layer.op(t, wn))
             if self.beta:
                 dens[1].sub_(layer.op(t, wp))
-        return (self._stabilized(dens[0], True), *(self._stabilized(d, False) for d in dens[1:]))
+        return dens
 
     def backward(self, layer, p, x, saved, relevance):
         op = layer.op

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -41,6 +42,23 @@ class Explanation:
     #: a bias's share, and is not in ``relevance``. Zeros when the model has none; None when a
     #: token could not be assigned to samples (a warning says which). Bias shares not included.
     absorbed: Tensor | None = None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that computes ``model``'s function, under the wrappers users apply for speed
+    or scale: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and ``nn.DataParallel`` /
+    ``DistributedDataParallel`` (``module``). Their own forward is compiled code or a scatter
+    over devices that torch.fx cannot follow; the wrapped module is the same function."""
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        # an OptimizedModule exists only once dynamo was imported: no import here
+        dynamo = sys.modules.get("torch._dynamo.eval_frame")
+        if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, parallel):
+            model = model.module
+        else:
+            return model
 
 
 def conservation(explanation: Explanation) -> Tensor:
@@ -89,7 +107,7 @@ class Explainer:
             raise InvalidInputError(f"attention={attention!r} is not one of {list(ATTENTION_MODES)}")
         self.attention = attention
         self.cache_weights = bool(cache_weights)
-        self.model = model
+        self.model = unwrap(model)
         self._fingerprint: tuple | None = None
         self._prepared: nn.Module | None = None
         # the input shape the prepared copy holds, for a model traced with its shapes known

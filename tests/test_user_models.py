@@ -514,6 +514,24 @@ def test_wrapper_functional_head_and_optional_input_change_nothing(
         _close(e.relevance, reference.relevance, f"{label}, relevance")
 
 
+def test_compiled_and_data_parallel_models_are_explained_as_the_wrapped_model() -> None:
+    """``torch.compile``'s wrapper and ``nn.DataParallel`` (also nested) are seen through: their
+    own forward (compiled code, a scatter over devices) is not traceable, the wrapped module is
+    the same function. The compiled model is never run (no compiler needed)."""
+    torch.manual_seed(0)
+    plain = _ready(nn.Sequential(_small_features(out=16), nn.Linear(16, 10)))
+    x = _inputs()
+    reference = lrp.Explainer(plain, "epsilon-plus-flat")(x)
+    for label, wrapped in {
+        "compiled": torch.compile(plain),
+        "data parallel": nn.DataParallel(plain),
+        "data parallel of compiled": nn.DataParallel(torch.compile(plain)),
+    }.items():
+        explainer = lrp.Explainer(wrapped, "epsilon-plus-flat")
+        assert explainer.model is plain, label
+        _close(explainer(x).relevance, reference.relevance, label)
+
+
 @pytest.mark.parametrize("variant", ["functional head", "optional input"])
 def test_functional_head_and_optional_input_conserve(variant: str) -> None:
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 import sys
 import warnings
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from . import composites as composites_mod
 from .canonizers import disable_inplace
 from .errors import InvalidInputError
-from .graph import GraphSettings, collecting, prepare, recording
+from .graph import GraphSettings, LayerRecords, collecting, prepare, recording
 from .metrics.conservation import conservation_error
 from .rules import lrn as lrn_rules
 from .rules.attention import MODES as ATTENTION_MODES
@@ -37,6 +38,9 @@ class Explanation:
     target: Tensor
     initial: Tensor
     layer_relevance: dict[str, Tensor] | None = field(default=None, repr=False)
+    #: the relevance tensor at the output of each module named in ``layer_maps=`` (the
+    #: relevance its consumers pass back to it, shaped like that output)
+    layer_maps: dict[str, Tensor] | None = field(default=None, repr=False)
     #: (N,) relevance absorbed by constant tensors concatenated into the input-dependent ones
     #: (ViT's class token, register/distillation tokens): it leaves the propagation there, like
     #: a bias's share, and is not in ``relevance``. Zeros when the model has none; None when a
@@ -204,12 +208,16 @@ class Explainer:
         *,
         output_relevance: Tensor | None = None,
         record_layers: bool = False,
+        layer_maps: Sequence[str] = (),
         validate: bool = True,
     ) -> Explanation:
         """Explain ``x`` for ``target`` (None: the predicted class; an int, N ints or a LongTensor).
 
         ``output_relevance`` (N, K) replaces the one-hot initial relevance. ``record_layers`` fills
-        ``layer_relevance`` with the per-sample relevance sum at every module's output.
+        ``layer_relevance`` with the per-sample relevance sum at every module's output;
+        ``layer_maps`` (module paths) fills ``layer_maps`` with the relevance tensor at each
+        one's output (for heatmaps of inner layers; a module the relevance does not reach, such
+        as a gate's branch, is left out with a warning).
         ``validate=False`` skips the value checks (NaN/Inf in ``x``, logits and relevance, target
         range), each of which waits for the device: for dataset loops on a GPU that check the
         results in bulk (shapes and dtypes are still checked).
@@ -220,12 +228,13 @@ class Explainer:
             )
         if not isinstance(x, Tensor) or not x.is_floating_point():
             self._check_input(x, validate)  # raises
+        keep = self._check_layer_paths(layer_maps)
         model = self.prepared_model(x)
         x = self._check_input(x, validate)
-        records: dict[str, Tensor] = {}
+        records = LayerRecords({} if record_layers else None, keep)
         taps: list[tuple[Tensor, int, str]] = []
         with torch.enable_grad(), collecting(taps), (
-            recording(records) if record_layers else nullcontext()
+            recording(records) if record_layers or keep else nullcontext()
         ):
             x = x.requires_grad_(True)
             try:
@@ -243,6 +252,13 @@ class Explainer:
                 logits, [x, *(t for t, _, _ in taps)], initial_map, allow_unused=True
             )
         absorbed = _absorbed(taps, token_grads, x.shape[0], relevance)
+        unreached = [p for p in layer_maps if p not in records.maps]
+        if unreached:
+            warnings.warn(
+                f"no relevance reached the output of {unreached} (a gate's branch, a constant, "
+                "or a module inside a layer that has one rule): left out of layer_maps",
+                stacklevel=2,
+            )
         bad = ~torch.isfinite(relevance).flatten(1).all(1) if validate else None
         if bad is not None and bad.any():
             warnings.warn(
@@ -253,9 +269,24 @@ class Explainer:
             logits=logits.detach(),
             target=target_t,
             initial=initial_map.flatten(1).sum(1),
-            layer_relevance=records or None,
+            layer_relevance=records.sums or None,
+            layer_maps={p: records.maps[p] for p in layer_maps if p in records.maps} if keep else None,
             absorbed=absorbed,
         )
+
+    def _check_layer_paths(self, paths: Sequence[str]) -> frozenset[str]:
+        """``layer_maps``' paths, each a module of the model (else an error naming close ones)."""
+        if isinstance(paths, str):
+            raise InvalidInputError(f"layer_maps must be a list of module paths, got {paths!r}")
+        known = {name for name, _ in self.model.named_modules() if name}
+        for path in paths:
+            if path not in known:
+                close = difflib.get_close_matches(path, known, n=3)
+                raise InvalidInputError(
+                    f"layer_maps: the model has no module '{path}'"
+                    + (f" (did you mean {close}?)" if close else "")
+                )
+        return frozenset(paths)
 
     def _check_input(self, x: Tensor, validate: bool = True) -> Tensor:
         if not isinstance(x, Tensor):

@@ -376,22 +376,41 @@ def _arith(node: fx.Node) -> str | None:
 
 
 # ------------------------------------------------------------------ recording layer relevance
-_RECORDS: contextvars.ContextVar[dict[str, Tensor] | None] = contextvars.ContextVar(
+@dataclass
+class LayerRecords:
+    """What the probes record during one explanation: per-sample sums at every module's output
+    (``sums``, None when not asked for) and the relevance tensor itself at the modules in
+    ``keep`` (``maps``). A module called more than once gets the sum over its calls."""
+
+    sums: dict[str, Tensor] | None = None
+    keep: frozenset[str] = frozenset()
+    maps: dict[str, Tensor] = field(default_factory=dict)
+
+
+_RECORDS: contextvars.ContextVar[LayerRecords | None] = contextvars.ContextVar(
     "lrp_records", default=None
 )
 
 
 def record_relevance(x: Any, path: str) -> None:
-    """Probe at a module's output: while recording, add the relevance there to ``path``'s sum."""
+    """Probe at a module's output: while recording, add the relevance there to ``path``'s
+    records."""
     records = _RECORDS.get()
     if records is None or not isinstance(x, Tensor) or not x.requires_grad:
+        return
+    if records.sums is None and path not in records.keep:
         return
 
     def hook(g: Tensor | None) -> None:
         if g is None:  # a gate branch: no relevance reaches it
             return
-        total = g.detach().flatten(1).sum(1)
-        records[path] = records[path] + total if path in records else total
+        g = g.detach()
+        if records.sums is not None:
+            total = g.flatten(1).sum(1)
+            records.sums[path] = records.sums[path] + total if path in records.sums else total
+        if path in records.keep:  # a copy: the rules below may reuse the gradient's storage
+            maps = records.maps
+            maps[path] = maps[path] + g if path in maps else g.clone()
 
     x.register_hook(hook)
 
@@ -435,9 +454,9 @@ class collecting:  # noqa: N801 (a context manager used like a function)
 
 
 class recording:  # noqa: N801 (a context manager used like a function)
-    """``with recording(records):`` fills ``records`` with per-module relevance sums."""
+    """``with recording(records):`` lets the probes fill ``records`` (:class:`LayerRecords`)."""
 
-    def __init__(self, records: dict[str, Tensor]) -> None:
+    def __init__(self, records: LayerRecords) -> None:
         self.records = records
 
     def __enter__(self) -> None:

@@ -13,12 +13,15 @@ ours on these cases (non-negative inputs, no biases). Captum's EpsilonRule on an
 is the proportional split of ``residual="proportional"``. Captum explains the target's output
 value (our ``output="logit"``).
 
+Captum's LayerLRP cases (relevance at an inner layer) are checked on ``layer_maps``.
+
 Four cases need the traced engine: models without Linear/Conv layers, an addition module inside
 a model, outputs of shape (N, K, *) explained for the target channel.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -62,26 +65,28 @@ def _simple(negative_corner: bool = False) -> nn.Module:
 X3 = [[1.0, 2.0, 3.0]]
 
 
+class OneConv(nn.Module):
+    """Captum's BasicModel_ConvNet_One_Conv with its fixed weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3, 1)
+        self.relu1 = nn.ReLU()
+        self.fc1 = nn.Linear(8, 4)
+        self.relu2 = nn.ReLU()
+        with torch.no_grad():
+            self.conv1.weight.fill_(1.0)
+            self.conv1.bias.copy_(torch.tensor([-50.0, -75.0]))
+            self.fc1.weight.copy_(torch.cat([torch.ones(4, 5), -torch.ones(4, 3)], dim=1))
+            self.fc1.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu1(self.conv1(x))
+        return self.relu2(self.fc1(x.view(-1, 8)))
+
+
 def test_basic_one_conv() -> None:
     """test_lrp_basic_attributions: BasicModel_ConvNet_One_Conv, default (epsilon) rules."""
-
-    class OneConv(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(1, 2, 3, 1)
-            self.relu1 = nn.ReLU()
-            self.fc1 = nn.Linear(8, 4)
-            self.relu2 = nn.ReLU()
-            with torch.no_grad():
-                self.conv1.weight.fill_(1.0)
-                self.conv1.bias.copy_(torch.tensor([-50.0, -75.0]))
-                self.fc1.weight.copy_(torch.cat([torch.ones(4, 5), -torch.ones(4, 3)], dim=1))
-                self.fc1.bias.zero_()
-
-        def forward(self, x: Tensor) -> Tensor:
-            x = self.relu1(self.conv1(x))
-            return self.relu2(self.fc1(x.view(-1, 8)))
-
     model = OneConv().eval()
     x = torch.arange(16).view(1, 1, 4, 4).float()
     e = lrp.Explainer(model, composite={(nn.Conv2d, nn.Linear): EPS})(x)
@@ -211,3 +216,41 @@ def test_maxpool3d_only() -> None:
     x = torch.tensor([[[[[1.0, 2.0], [5.0, 6.0]], [[3.0, 4.0], [7.0, 8.0]]]]])
     e = lrp.Explainer(model, composite={})(x, target=0)
     check(e.relevance, [[[[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 8.0]]]]])
+
+
+# Captum's LayerLRP cases (tests/attr/layer/test_layer_lrp.py, same models and rules): the
+# relevance at a layer's output is ``layer_maps``; at its input, the map of the module before it
+
+
+def test_layer_basic_one_conv() -> None:
+    """test_lrp_basic_attributions (LayerLRP on conv1): the map at conv1's output."""
+    x = torch.arange(16).view(1, 1, 4, 4).float()
+    e = lrp.Explainer(OneConv().eval(), composite={(nn.Conv2d, nn.Linear): EPS})(
+        x, layer_maps=["conv1"])
+    check(e.layer_maps["conv1"], [[[[0, 4], [31, 40]], [[0, 0], [-6, -15]]]])
+
+
+def test_layer_simple_epsilon() -> None:
+    """test_lrp_simple_attributions and _all_layers: linear2's input (the ReLU's output) and
+    linear's output hold the same relevance; linear's input is the input relevance."""
+    e = lrp.Explainer(_simple(), composite={nn.Linear: EPS})(
+        torch.tensor(X3), layer_maps=["linear", "relu"])
+    torch.testing.assert_close(e.layer_maps["relu"], e.layer_maps["linear"])
+    check(e.layer_maps["linear"], [[36.0, 36.0, 36.0]])
+    check(e.relevance, [[18.0, 36.0, 54.0]])
+    assert lrp.conservation(e).item() < 1e-6  # Captum: delta == 0
+
+
+@pytest.mark.parametrize("rule", ["gamma", "zplus"])
+def test_layer_simple_gamma_and_zplus(rule: str) -> None:
+    """test_lrp_simple_attributions_GammaRule / _AlphaBeta (LayerLRP on linear)."""
+    comp = (
+        {"linear": lrp.rules.Gamma(1.0, stabilizer=1e-9),
+         "linear2": lrp.rules.Gamma(0.25, stabilizer=1e-9)}
+        if rule == "gamma" else {nn.Linear: lrp.rules.ZPlus(1e-9)}
+    )  # fmt: skip
+    model = _simple(negative_corner=True)
+    before = model(torch.tensor(X3))
+    e = lrp.Explainer(model, composite=comp)(torch.tensor(X3), layer_maps=["linear"])
+    check(e.layer_maps["linear"], [[24.0, 36.0, 36.0]])
+    torch.testing.assert_close(model(torch.tensor(X3)), before)  # _repeat_attributions

@@ -339,6 +339,56 @@ def test_record_layers_reports_user_paths() -> None:
     assert not any(k.endswith(".module") for k in e.layer_relevance)
 
 
+def test_layer_maps_are_activation_times_gradient() -> None:
+    """LRP-0 on a ReLU/max-pool net: the relevance tensor at a module's output is activation x
+    gradient there, element by element (independent: hooks on the user's model)."""
+    model = relu_net()
+    x = inputs(3)
+    paths = ["1", "3", "7"]
+    e = lrp.Explainer(model, composite="lrp-0")(x, layer_maps=paths, record_layers=True)
+    assert list(e.layer_maps) == paths
+    acts: dict[str, torch.Tensor] = {}
+    handles = [model[int(p)].register_forward_hook(
+        lambda mod, a, out, p=p: acts.__setitem__(p, out)) for p in paths]
+    try:
+        out = model(x.clone().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    sel = out.gather(1, e.target.view(-1, 1)).sum()
+    grads = torch.autograd.grad(sel, [acts[p] for p in paths])
+    for path, g in zip(paths, grads, strict=True):
+        expected = (acts[path] * g).detach()
+        torch.testing.assert_close(e.layer_maps[path], expected, rtol=1e-9, atol=1e-12)
+    for path in paths:
+        assert e.layer_maps[path].shape[0] == 3
+        torch.testing.assert_close(e.layer_maps[path].flatten(1).sum(1), e.layer_relevance[path])
+    assert lrp.Explainer(model, composite="lrp-0")(x).layer_maps is None
+
+
+def test_layer_map_equals_explaining_the_rest_of_the_model() -> None:
+    """With rules fixed per layer type, the relevance at an inner module's output is what the
+    explainer gives for the model after it, fed with that module's output."""
+    model = small_cnn()
+    rules = {nn.Conv2d: lrp.rules.ZPlus(), nn.Linear: lrp.rules.Epsilon(1e-3)}
+    x = inputs(3)
+    e = lrp.Explainer(model, composite=rules)(x, layer_maps=["3"])
+    with torch.no_grad():
+        inner = model[:4](x)
+    tail = lrp.Explainer(model[4:].eval(), composite=rules)(inner, target=e.target)
+    torch.testing.assert_close(e.layer_maps["3"], tail.relevance, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_maps_bad_paths() -> None:
+    explainer = lrp.Explainer(small_cnn())
+    with pytest.raises(lrp.InvalidInputError, match=r"no module 'linear'"):
+        explainer(inputs(2), layer_maps=["linear"])
+    with pytest.raises(lrp.InvalidInputError, match="did you mean"):
+        explainer(inputs(2), layer_maps=["111"])
+    with pytest.raises(lrp.InvalidInputError, match="list of module paths"):
+        explainer(inputs(2), layer_maps="8")
+
+
 # ----------------------------------------------------------------------------------------------
 # dtypes and devices
 # ----------------------------------------------------------------------------------------------

@@ -92,6 +92,11 @@ def test_gate_branch_is_not_run_backward() -> None:
     e = lrp.Explainer(model, composite="lrp-0")(torch.randn(2, 4, dtype=F64), record_layers=True)
     assert "signal" in e.layer_relevance
     assert "gate_fc" not in e.layer_relevance
+    # asked for its map, the gate's layer is left out, with a warning naming it
+    with pytest.warns(UserWarning, match=r"no relevance reached the output of \['gate_fc'\]"):
+        maps = lrp.Explainer(model, composite="lrp-0")(
+            torch.randn(2, 4, dtype=F64), layer_maps=["signal", "gate_fc"]).layer_maps
+    assert list(maps) == ["signal"]
 
 
 def test_division_by_a_signal_that_is_no_statistic_is_an_error() -> None:

@@ -178,10 +178,10 @@ class _MergeFunction(torch.autograd.Function):
                     rest = len(grads) - 1
                 else:
                     grads.append(relevance * share if share else torch.zeros_like(relevance))
-            if rest is not None:
+            if rest is not None:  # R minus the others' shares: the first subtraction makes it
                 taken = [g for g in grads if g is not None]
-                r = relevance.clone()
-                for g in taken:
+                r = relevance.clone() if not taken else relevance - taken[0]
+                for g in taken[1:]:
                     r.sub_(g)
                 grads[rest] = r
         return (None, *[_unbroadcast(g, s) for g, s in zip(grads, ctx.shapes, strict=True)])

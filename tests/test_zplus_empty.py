@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from test_rules_dense import assert_close, dense_layer, neg, pos, propagate
 from torch import nn
+from zoo_checks import randomize_statistics
 
 import lrp
 from lrp.layers import LinearRuleLayer
@@ -111,13 +112,16 @@ def _rule(spec: tuple, empty: str = "flat") -> lrp.rules.AlphaBeta:
     "kind",
     ["linear", "conv1d-s2", "conv2d-g2", "conv2d-depthwise", "conv2d-depthwise-s2", "conv2d-all"],
 )
-@pytest.mark.parametrize("spread", ["dense", "sparse"])
+@pytest.mark.parametrize("spread", ["dense", "sparse", "accelerator"])
 def test_empty_outputs_share_flat_dense(
     kind: str, spec: tuple, nonnegative: bool, bias: bool, spread: str, monkeypatch
 ):
     """``spread``: the flat share as one spread over every output, or (CPU, where empty outputs
-    are few) added output by output (both forced here, whatever their number)."""
+    are few) added output by output (both forced here, whatever their number), or the path an
+    accelerator takes (full masks, no host reads), run on the CPU."""
     monkeypatch.setattr(linear_rules, "SPARSE_FLAT_MAX_PAIRS", 0 if spread == "dense" else 1e9)
+    if spread == "accelerator":
+        monkeypatch.setattr(linear_rules, "_host", lambda t: False)
     torch.manual_seed(zlib.crc32(repr((kind, spec, nonnegative, bias)).encode()))
     layer, shape = _layer(kind, bias)
     n = 3
@@ -400,3 +404,41 @@ def test_sparse_flat_share_equals_the_dense_spread(padding, groups: int, monkeyp
     sparse = linear_rules._flat_fallback(layer, empty, relevance, x, scale=2.0)
     assert isinstance(sparse, linear_rules._Scatter)
     assert_close(linear_rules._add_flat(torch.zeros_like(x), sparse), dense)
+
+
+ACCELERATOR_CASES = [
+    ("resnext", "otsuki2024", {}),
+    ("resnext", "otsuki2024", {"stabilizer_share": "absorb"}),
+    ("resnext", "epsilon-alpha2-beta1-flat", {}),
+    ("mobilenet", "epsilon-plus-flat", {}),
+    ("mobilenet", "lrp-0", {"zero_bias": True, "stabilizer": 0.0}),
+    ("mobilenet", "epsilon-gamma-box", {"input_bounds": (-3.0, 3.0)}),
+]
+
+
+@pytest.mark.parametrize(("arch", "composite", "options"), ACCELERATOR_CASES,
+                         ids=[f"{a}-{c}-{'-'.join(map(str, o.values()))}"
+                              for a, c, o in ACCELERATOR_CASES])
+def test_accelerator_path_gives_the_host_values(arch, composite, options, monkeypatch) -> None:
+    """The rules' accelerator path (every empty-output test a full mask, no host reads) gives the
+    CPU path's relevance on whole networks with empty outputs (grouped and depthwise layers,
+    ReLU-sparse inputs): the GPU's branches are run here, where CI has no GPU."""
+    if arch == "resnext":
+        model = _resnext(F64)
+    else:
+        torch.manual_seed(0)
+        model = randomize_statistics(torchvision.models.mobilenet_v3_small(num_classes=10), 0)
+        model = model.to(F64).eval()
+    x = torch.randn(2, 3, 64, 64, dtype=F64).clamp(-3, 3)
+    fallbacks = []
+    real = linear_rules._flat_fallback
+    monkeypatch.setattr(linear_rules, "_flat_fallback",
+                        lambda *a, **k: fallbacks.append(r := real(*a, **k)) or r)
+    host = lrp.Explainer(model, composite, **options)(x)
+    # otsuki2024 spreads the stabiliser's share (no mask); the gamma rule has no empty outputs
+    if "stabilizer_share" in options or composite not in ("otsuki2024", "epsilon-gamma-box"):
+        assert any(f is not None for f in fallbacks), "the case must have empty outputs"
+    monkeypatch.setattr(linear_rules, "_host", lambda t: False)
+    accelerator = lrp.Explainer(model, composite, **options)(x, target=host.target)
+    assert torch.isfinite(host.relevance).all()
+    torch.testing.assert_close(accelerator.relevance, host.relevance, rtol=1e-10, atol=1e-12)

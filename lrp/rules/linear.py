@@ -32,6 +32,14 @@ def _neg(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
+def _host(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read without waiting for an accelerator (the CPU): there a
+    reduction that settles the common case, or a list of the few outputs that need a fallback,
+    is cheaper than the general path; on an accelerator the general path runs without a sync.
+    One switch, so that tests run the accelerator's path on the CPU."""
+    return t.device.type == "cpu"
+
+
 class LinearRule(Rule):
     """Base class: ``prepare`` modified weights, ``forward`` saves denominators (a returned
     tensor that *is* the output is kept without a copy), ``backward`` returns R_in."""
@@ -117,7 +125,7 @@ class Epsilon(LinearRule):
             z = saved[0] if source == "output" else layer.op(x, layer.folded_weight(), layer.bias)
             # one count on the CPU settles the usual case (no zero: no empty output, and the
             # cheaper stabiliser); on an accelerator it would wait for the device
-            nonzero = z.device.type == "cpu" and int(torch.count_nonzero(z)) == z.numel()
+            nonzero = _host(z) and int(torch.count_nonzero(z)) == z.numel()
             den = stabilize(z, self.epsilon, nonzero=nonzero)
         flat = None
         if self.empty == "flat":
@@ -233,7 +241,7 @@ def _flat_fallback(
     """
     if empty is None:
         return None
-    if empty.device.type == "cpu":
+    if _host(empty):
         indices = empty.dtype != torch.bool
         count = empty.numel() if indices else int(torch.count_nonzero(empty))
         if count == 0:
@@ -471,7 +479,7 @@ class AlphaBeta(LinearRule):
         """
         value = float("inf") if self.stabilizer == 0 else self.stabilizer
         inf = value == float("inf")
-        if den.device.type == "cpu" and bool(den.amax() < value if inf else den.amin() > value):
+        if _host(den) and bool(den.amax() < value if inf else den.amin() > value):
             return None  # the usual case on the CPU: one reduction shows there is none
         bp = p.get("bp")
         # in den's dtype from the start (a float32 1e-6 cast to float64 is not 1e-6)
@@ -481,7 +489,7 @@ class AlphaBeta(LinearRule):
             t.masked_fill_(bp != 0, float("nan"))
         if layer.op.kind == "linear":
             return den == t
-        if den.device.type != "cpu":
+        if not _host(den):
             return den == t.view(-1, *([1] * (den.ndim - 2)))
         planes = den.flatten(2)
         extreme = planes.amax(2) if inf else planes.amin(2)

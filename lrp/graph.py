@@ -57,7 +57,7 @@ from .rules.elementwise import (
     passthrough_of,
     uniform_product,
 )
-from .rules.linear import LinearRule
+from .rules.linear import Epsilon, LinearRule
 from .rules.normalization import (
     INSTANCENORM,
     AffineEpsilon,
@@ -145,6 +145,11 @@ POOL_MODULES = (
     nn.AdaptiveAvgPool3d,
     nn.Fold,  # sums overlapping patches: a fixed linear map with weights 1, the sum rule
 )
+# Pass-rule activations that act element by element (a function of each value alone)
+ELEMENTWISE_PASS_MODULES = tuple(m for m in PASS_MODULES if m is not nn.RMSNorm)
+# Modules that are the identity in eval mode (the prepared copy is always in eval mode)
+IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                    nn.AlphaDropout)
 GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 # Outputs that are never negative (used to prove a layer's input is >= 0).
 NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid)
@@ -667,6 +672,7 @@ class _Builder:
         self.finish_merges()
         self.check_output()
         self.mark_signs()
+        self.fuse_input_activations()
         self.mark_inplace_relus()
         self.add_probes()
         self.retarget_attributes()
@@ -1483,6 +1489,64 @@ class _Builder:
             elif node.op == "call_method" and _method(node) in GRADIENT_METHODS:
                 value = first
             nonneg[node] = value
+
+    def fuse_input_activations(self) -> None:
+        """Linear -> activation -> Linear with an expanding first layer (a transformer's or
+        ConvNeXt's MLP): the second layer runs the activation on its input (``input_fn``) and
+        keeps the activation's input instead of its output; the first layer, whose epsilon rule
+        would recompute its wide output in the backward (one more matmul), keeps that output,
+        which is now kept anyway. The same tensors are kept, one matmul less per block; the
+        activation (pass rule) is recomputed instead, an element-wise pass.
+
+        Only where nothing else reads the tensors in between, each layer is called once and
+        eval-mode dropouts or identities are all that separates the activation from the layer.
+        """
+        calls: dict[str, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        for node in list(self.graph.nodes):
+            second = self.module(node) if node.op == "call_module" else None
+            if not (isinstance(second, LinearRuleLayer) and calls[str(node.target)] == 1
+                    and len(node.args) == 1 and not node.kwargs):
+                continue
+            chain, cur = [], node.args[0]
+            while (isinstance(cur, fx.Node) and cur.op == "call_module" and len(cur.users) == 1
+                   and isinstance(self.module(cur), IDENTITY_MODULES)):
+                chain.append(cur)
+                cur = cur.args[0]
+            fn = self.pass_activation(cur)
+            if fn is None or len(cur.users) != 1:
+                continue
+            first_node = cur.args[0]
+            first = self.module(first_node) if (
+                isinstance(first_node, fx.Node) and first_node.op == "call_module") else None
+            if not (isinstance(first, LinearRuleLayer) and calls[str(first_node.target)] == 1
+                    and self.value_users(first_node) == 1 and isinstance(first.rule, Epsilon)
+                    and first.rule._source(first) == "recompute"):
+                continue
+            second.input_fn = fn
+            first.output_kept = True
+            for gone in (*chain, cur):  # their outputs' relevance is the first layer's
+                gone.replace_all_uses_with(first_node)
+                self.graph.erase_node(gone)
+                self.replaced[gone] = first_node
+
+    def pass_activation(self, node: Any) -> Callable[[Tensor], Tensor] | None:
+        """The function of an element-wise activation with the pass rule at ``node``, or None."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "call_module":
+            m = self.module(node)
+            if (isinstance(m, ModuleRuleLayer) and type(m.rule) is Pass
+                    and isinstance(m.module, ELEMENTWISE_PASS_MODULES) and len(node.args) == 1):
+                return m.module
+            return None
+        fn = getattr(node.target, "passthrough_fn", None) if node.op == "call_function" else None
+        if fn is None or next(_iter_nodes((node.args[1:], node.kwargs)), None) is not None:
+            return None
+        rest, kwargs = tuple(node.args[1:]), dict(node.kwargs)
+        return lambda x: fn(x, *rest, **kwargs)
 
     def mark_inplace_relus(self) -> None:
         """Let Pass-ReLUs overwrite their input where only they read it (one activation less)."""

@@ -7,6 +7,7 @@ LRP pass: no per-layer Python loop at explain time and no second model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,6 +83,9 @@ class ModuleRuleLayer(nn.Module):
 class _LinearRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: LinearRuleLayer) -> Tensor:
+        kept = x  # with an input activation: its input, which the layer before keeps anyway
+        if layer.input_fn is not None:
+            x = layer.input_fn(x)
         # the folded weight is made once per pass: it gives the output (bias fused into the
         # convolution), then the rule may turn it into W+ in place
         weight = layer.folded_weight()
@@ -95,13 +99,15 @@ class _LinearRuleFunction(torch.autograd.Function):
         ctx.keep = [t is output for t in saved]
         ctx.output = output.detach() if any(ctx.keep) else None
         ctx.output_version = output._version
-        ctx.save_for_backward(x, *(t for t, k in zip(saved, ctx.keep, strict=True) if not k))
+        ctx.save_for_backward(kept, *(t for t, k in zip(saved, ctx.keep, strict=True) if not k))
         return output
 
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
         x, *rest = ctx.saved_tensors
         layer = ctx.layer
+        if layer.input_fn is not None:  # the activation again, from its kept input
+            x = layer.input_fn(x)
         saved = rest
         if any(ctx.keep):
             output = ctx.output
@@ -146,6 +152,14 @@ class LinearRuleLayer(nn.Module):
             bias = module.bias
         self.bias: Tensor | None = None if bias is None else bias.detach()
         self.input_nonnegative = False
+        # set by the explainer (``_Builder.fuse_input_activations``): an element-wise activation
+        # with the pass rule, run here on the layer's input; the backward recomputes it from its
+        # input instead of keeping its output, and returns the relevance at its output as the
+        # relevance at its input (the pass rule)
+        self.input_fn: Callable[[Tensor], Tensor] | None = None
+        # set by the explainer: the output is kept anyway (the next layer recomputes its input
+        # activation from it), so a rule may keep it instead of recomputing it
+        self.output_kept = False
         self.cache_weights = cache_weights
         self._rule_params: dict[str, Tensor] | None = None
         self._folded: Tensor | None = None

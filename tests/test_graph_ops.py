@@ -244,3 +244,73 @@ def test_shape_queries_and_constants_carry_no_relevance() -> None:
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(model(xg).gather(1, e.target[:, None]).sum(), xg)
     torch.testing.assert_close(e.relevance, g * x)  # LRP-0 on a linear model = gradient x input
+
+
+class Mlp(nn.Module):
+    """A transformer's MLP on tokens: an expanding Linear, an activation, an eval-mode dropout,
+    the projection back. ``functional``: the activation as ``F.gelu``; ``leak``: its output is
+    also read by the head (then nothing may be fused)."""
+
+    def __init__(self, functional: bool = False, leak: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 24)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(24, 6)
+        self.head = nn.Linear(6 + (24 if leak else 0), 4)
+        self.functional, self.leak = functional, leak
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.gelu(self.fc1(x)) if self.functional else self.act(self.fc1(x))
+        h = self.fc2(self.drop(a))
+        return self.head(torch.cat([h, a], -1) if self.leak else h)
+
+
+def _epsilon_mlp_reference(model: Mlp, x: torch.Tensor, target: torch.Tensor, eps: float):
+    """The epsilon rule written out on the three weight matrices, the activation passing
+    relevance unchanged: (relevance at x, relevance at the activation's output)."""
+
+    def back(layer: nn.Linear, inp: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        z = F.linear(inp, layer.weight, layer.bias)
+        den = z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)  # sign(0) = +1
+        return inp * ((r / den) @ layer.weight)
+
+    with torch.no_grad():
+        z1 = F.linear(x, model.fc1.weight, model.fc1.bias)
+        a = F.gelu(z1)
+        h = F.linear(a, model.fc2.weight, model.fc2.bias)
+        out = F.linear(h, model.head.weight, model.head.bias)
+        r_out = torch.zeros_like(out).scatter_(1, target[:, None], out.gather(1, target[:, None]))
+        r_a = back(model.fc2, a, back(model.head, h, r_out))
+        return back(model.fc1, x, r_a), r_a
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_mlp_activation_is_recomputed_inside_the_projection(functional: bool) -> None:
+    """Linear -> GELU -> dropout -> Linear: the projection runs the activation on its input and
+    keeps that input, so the expansion keeps its output instead of recomputing it; relevance
+    (and the activation's recorded relevance) equals the epsilon rule on the matrices."""
+    torch.manual_seed(0)
+    model = Mlp(functional).double().eval()
+    x = torch.randn(3, 6, dtype=F64)
+    explainer = lrp.Explainer(model, composite={nn.Linear: lrp.rules.Epsilon(1e-3)})
+    e = explainer(x, record_layers=True, layer_maps=["fc1", "fc2"])
+    expected, r_act = _epsilon_mlp_reference(model, x, e.target, 1e-3)
+    torch.testing.assert_close(e.relevance, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(e.layer_maps["fc1"], r_act, rtol=1e-10, atol=1e-12)
+    if not functional:  # the activation's and the dropout's paths are still reported
+        for path in ("act", "drop"):
+            torch.testing.assert_close(e.layer_relevance[path], r_act.sum(1))
+    layers = {m.path: m for m in explainer.prepared_model().modules() if hasattr(m, "input_fn")}
+    assert layers["fc2"].input_fn is not None and layers["fc1"].output_kept
+    assert layers["fc1"].rule._source(layers["fc1"]) == "output"
+
+
+def test_mlp_activation_read_elsewhere_is_not_fused() -> None:
+    torch.manual_seed(0)
+    model = Mlp(leak=True).double().eval()
+    explainer = lrp.Explainer(model, composite={nn.Linear: lrp.rules.Epsilon(1e-3)})
+    e = explainer(torch.randn(3, 6, dtype=F64))
+    layers = {m.path: m for m in explainer.prepared_model().modules() if hasattr(m, "input_fn")}
+    assert layers["fc2"].input_fn is None and not layers["fc1"].output_kept
+    assert torch.isfinite(e.relevance).all()

@@ -99,12 +99,13 @@ class Epsilon(LinearRule):
         transformer its consumer mostly keeps anyway (q, k and v by the attention);
         ``"recompute"``: an output wider than the input (a transformer MLP's expansion) is
         recomputed from the input, which the rule keeps anyway: one more matmul in the
-        backward instead of out/in times the input's memory.
+        backward instead of out/in times the input's memory; unless the next layer keeps that
+        output already (``output_kept``: it recomputes its input activation from it).
         """
         if layer.op.kind != "linear" or (self.zero_bias and layer.bias is not None):
             return "den"
         out_features, in_features = layer.weight.shape
-        return "output" if out_features <= in_features else "recompute"
+        return "output" if out_features <= in_features or layer.output_kept else "recompute"
 
     def forward(self, layer, p, x, z):
         source = self._source(layer)

@@ -521,6 +521,8 @@ class _Builder:
         self.owners: dict[str, str] = {}  # engine-made module targets -> the owning module
         self.replaced: dict[fx.Node, fx.Node] = {}
         self.folds: dict[str, tuple[Tensor, Tensor]] = {}
+        # activations run inside the next layer (``fuse_input_activations``): kept at their paths
+        self.fused: dict[str, nn.Module] = {}
         self.counter = 0
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         if not placeholders:
@@ -678,6 +680,10 @@ class _Builder:
         self.retarget_attributes()
         self.graph.lint()
         gm = fx.GraphModule(self.root, self.graph, class_name=type(self.root).__name__)
+        present = dict(gm.named_modules())
+        for path, module in self.fused.items():  # no node calls them: the copy would drop them
+            if path not in present:
+                gm.add_submodule(path, module)
         gm.eval()
         return Prepared(gm, self.rules, first_path, first_module, input_channels)
 
@@ -1525,6 +1531,8 @@ class _Builder:
                     and self.value_users(first_node) == 1 and isinstance(first.rule, Epsilon)
                     and first.rule._source(first) == "recompute"):
                 continue
+            if cur.op == "call_module":  # the activation stays at its path in the copy
+                self.fused[str(cur.target)] = self.module(cur)
             second.input_fn = fn
             first.output_kept = True
             for gone in (*chain, cur):  # their outputs' relevance is the first layer's
@@ -1540,7 +1548,7 @@ class _Builder:
             m = self.module(node)
             if (isinstance(m, ModuleRuleLayer) and type(m.rule) is Pass
                     and isinstance(m.module, ELEMENTWISE_PASS_MODULES) and len(node.args) == 1):
-                return m.module
+                return m.module.__call__  # a bound method: not registered under the layer
             return None
         fn = getattr(node.target, "passthrough_fn", None) if node.op == "call_function" else None
         if fn is None or next(_iter_nodes((node.args[1:], node.kwargs)), None) is not None:

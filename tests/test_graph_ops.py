@@ -301,6 +301,9 @@ def test_mlp_activation_is_recomputed_inside_the_projection(functional: bool) ->
     if not functional:  # the activation's and the dropout's paths are still reported
         for path in ("act", "drop"):
             torch.testing.assert_close(e.layer_relevance[path], r_act.sum(1))
+        # and the activation module stays at its path in the copy (not registered under fc2)
+        names = dict(explainer.prepared_model().named_modules())
+        assert isinstance(names["act.module"], nn.GELU) and "fc2.input_fn" not in names
     layers = {m.path: m for m in explainer.prepared_model().modules() if hasattr(m, "input_fn")}
     assert layers["fc2"].input_fn is not None and layers["fc1"].output_kept
     assert layers["fc1"].rule._source(layers["fc1"]) == "output"

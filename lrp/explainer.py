@@ -145,6 +145,14 @@ class Explainer:
         """Rebuild the prepared copy on the next call (after edits autograd cannot see)."""
         self._prepared = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (and deep-copied) without the prepared copy, which is rebuilt on the next
+        call: its graph calls the engine's own functions, which torch.fx's unpickling would
+        re-trace, so an explainer that has run could not go to a worker process otherwise."""
+        state = self.__dict__.copy()
+        state.update(_prepared=None, _fingerprint=None, _first_module=None)
+        return state
+
     def _prepare(self, x: Tensor | None = None) -> nn.Module:
         if self.model.training:
             warnings.warn(

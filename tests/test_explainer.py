@@ -3,6 +3,8 @@ modes, caching of the prepared copy, recorded layer sums, dtypes, and errors on 
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -236,6 +238,18 @@ def test_prepared_copy_is_reused() -> None:
     explainer(x, target=2)
     assert explainer.prepared_model() is first
     assert explainer.prepared_model() is explainer.prepared_model()
+
+
+def test_an_explainer_that_has_run_pickles() -> None:
+    """A used explainer goes to a worker process (Dask) as a new one does: without its prepared
+    copy, which the copy rebuilds on its first call (the same relevance, bit for bit)."""
+    explainer = lrp.Explainer(small_cnn(), composite="epsilon-plus-flat")
+    x = inputs()
+    expected = explainer(x).relevance
+    first = explainer.prepared_model()
+    for clone in (pickle.loads(pickle.dumps(explainer)), copy.deepcopy(explainer)):
+        assert torch.equal(clone(x).relevance, expected)
+    assert explainer.prepared_model() is first  # the original keeps its copy
 
 
 @pytest.mark.parametrize("composite", sorted(COMPOSITE_KW))

@@ -5,6 +5,8 @@ PyTorch's own functions), the shares written out, or autograd where the rule is 
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -554,6 +556,8 @@ def test_control_flow_on_sizes_is_traced_per_input_shape() -> None:
         (g,) = torch.autograd.grad(model(xg).gather(1, e.target[:, None]).sum(), xg)
         torch.testing.assert_close(e.relevance, g * x)  # LRP-0 on a linear model
     assert explainer.prepared_model() is explainer.prepared_model(x)  # the last shape's copy
+    clone = pickle.loads(pickle.dumps(explainer))  # traced again with the next call's input
+    assert torch.equal(clone(x).relevance, e.relevance)
 
 
 def test_control_flow_on_values_is_still_refused() -> None:

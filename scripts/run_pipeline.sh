@@ -55,5 +55,6 @@ MLflow UI (runs, metrics, per-image tables, heatmaps, models):
   .venv/bin/mlflow ui --backend-store-uri sqlite:///$ROOT/mlflow.db --port 5000
   then open http://127.0.0.1:5000 (experiment "lrp-at-scale")
 
-dvc.lock changes after this on a fresh clone: CPU training is not bit-exact across machines.
+dvc.lock changes after every run (checkpoint ids, epoch timings, data file times: README);
+metrics/ repeat on one machine, not across CPUs (training is not bit-exact across them).
 MSG

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -29,6 +31,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_torch(path: str | Path, obj: Any) -> Path:
+    """``torch.save`` atomically, through a file object: given a path, torch names the archive's
+    records after the file, and the temporary name (with the process id) would make every
+    checkpoint of the same weights differ, and with it DVC's hash."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:

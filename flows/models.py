@@ -15,7 +15,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from flows.io import atomic_path
+from flows.io import write_torch
 from lrp import models as lrp_models  # the engine's reference models
 
 
@@ -162,8 +162,7 @@ def _check_head(model: nn.Module, num_classes: int, path: Path) -> None:
 def save_trained(model: nn.Module, architecture: str, path: Path) -> Path:
     """Write a state_dict that records its architecture and head size (atomically)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"architecture": architecture, "state_dict": state}, tmp)
+    write_torch(path, {"architecture": architecture, "state_dict": state})
     return path
 
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from flows.data import collate
-from flows.io import atomic_path
+from flows.io import write_torch
 from flows.runtime import resolve_device
 
 
@@ -156,21 +156,21 @@ def train_model(
                 best_state=_cpu_state(model),
             )
             if checkpoint_dir is not None:
-                _atomic_save(
-                    {"model": state["best_state"], "epoch": epoch + 1},
+                write_torch(
                     Path(checkpoint_dir) / "best.pt",
+                    {"model": state["best_state"], "epoch": epoch + 1},
                 )
         else:
             state["bad_epochs"] += 1
         if last is not None:
-            _atomic_save(
+            write_torch(
+                last,
                 {
                     "config": config,
                     "model": _cpu_state(model),
                     "optimizer": opt.state_dict(),
                     **state,
                 },
-                last,
             )
         bar.set_postfix(
             loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}"
@@ -244,11 +244,6 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def _resume(

@@ -55,6 +55,6 @@ MLflow UI (runs, metrics, per-image tables, heatmaps, models):
   .venv/bin/mlflow ui --backend-store-uri sqlite:///$ROOT/mlflow.db --port 5000
   then open http://127.0.0.1:5000 (experiment "lrp-at-scale")
 
-dvc.lock changes after every run (checkpoint ids, epoch timings, data file times: README);
+dvc.lock changes after every run (epoch timings, data file times, MLflow run ids: README);
 metrics/ repeat on one machine, not across CPUs (training is not bit-exact across them).
 MSG

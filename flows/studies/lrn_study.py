@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 import lrp
 from flows import models
 from flows.data import ImageDataset, collate
+from flows.io import write_torch
 from flows.models import build_model
 from flows.training import train_model
 from lrp.metrics import perturbation_curve
@@ -214,9 +215,10 @@ def train_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         "train_size": len(train_ds),
         "val_size": len(val_ds),
     }
-    torch.save(
+    write_torch(
+        args.checkpoint,
         {"architecture": args.architecture, "model": result.model.state_dict(),
-         "epoch": result.best_epoch, **summary}, args.checkpoint,
+         "epoch": result.best_epoch, **summary},
     )
     print(
         f"trained {args.architecture}: val accuracy {result.val_accuracy:.3f} (epoch "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import operator
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -1507,10 +1508,7 @@ class _Builder:
         Only where nothing else reads the tensors in between, each layer is called once and
         eval-mode dropouts or identities are all that separates the activation from the layer.
         """
-        calls: dict[str, int] = {}
-        for node in self.graph.nodes:
-            if node.op == "call_module":
-                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        calls = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
         for node in list(self.graph.nodes):
             second = self.module(node) if node.op == "call_module" else None
             if not (isinstance(second, LinearRuleLayer) and calls[str(node.target)] == 1
@@ -1529,7 +1527,7 @@ class _Builder:
                 isinstance(first_node, fx.Node) and first_node.op == "call_module") else None
             if not (isinstance(first, LinearRuleLayer) and calls[str(first_node.target)] == 1
                     and self.value_users(first_node) == 1 and isinstance(first.rule, Epsilon)
-                    and first.rule._source(first) == "recompute"):
+                    and first.rule.kept_source(first) == "recompute"):
                 continue
             if cur.op == "call_module":  # the activation stays at its path in the copy
                 self.fused[str(cur.target)] = self.module(cur)

@@ -306,7 +306,7 @@ def test_mlp_activation_is_recomputed_inside_the_projection(functional: bool) ->
         assert isinstance(names["act.module"], nn.GELU) and "fc2.input_fn" not in names
     layers = {m.path: m for m in explainer.prepared_model().modules() if hasattr(m, "input_fn")}
     assert layers["fc2"].input_fn is not None and layers["fc1"].output_kept
-    assert layers["fc1"].rule._source(layers["fc1"]) == "output"
+    assert layers["fc1"].rule.kept_source(layers["fc1"]) == "output"
 
 
 def test_mlp_activation_read_elsewhere_is_not_fused() -> None:

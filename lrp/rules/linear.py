@@ -90,7 +90,7 @@ class Epsilon(LinearRule):
         self.zero_bias = zero_bias
         self.empty = empty
 
-    def _source(self, layer: LinearRuleLayer) -> str:
+    def kept_source(self, layer: LinearRuleLayer) -> str:
         """Where the backward gets the denominator of a layer whose denominator is its output.
 
         ``"den"``: the forward stores ``stab(z)`` (convolutions, whose output usually feeds a
@@ -108,7 +108,7 @@ class Epsilon(LinearRule):
         return "output" if out_features <= in_features or layer.output_kept else "recompute"
 
     def forward(self, layer, p, x, z):
-        source = self._source(layer)
+        source = self.kept_source(layer)
         if source == "output":
             return (z,)
         if source == "recompute":
@@ -118,7 +118,7 @@ class Epsilon(LinearRule):
         return (stabilize(z, self.epsilon),)
 
     def backward(self, layer, p, x, saved, relevance):
-        source = self._source(layer)
+        source = self.kept_source(layer)
         nonzero = False
         if source == "den":
             (den,) = saved  # private to this layer and used once: divide into its storage

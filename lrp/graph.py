@@ -68,12 +68,11 @@ from .rules.normalization import (
     uses_running_stats,
 )
 from .rules.pooling import Proportional
-from .rules.residual import ResidualMerge
+from .rules.residual import ResidualMerge, recompute_shares
 from .tracing import (
-    LEAF_FUNCTIONS,
-    LIBRARY_PADS,
     SHAPE_ATTRIBUTES,
     Traced,
+    library_pads,
     scope,
     source,
     trace,
@@ -205,7 +204,6 @@ GRADIENT_FUNCTIONS: set[Any] = {
     stochastic_depth,
     F.unfold,  # sliding windows (copies): the gradient sums relevance over the copies
     swin_transformer._patch_merging_pad,  # fx-wrapped in torchvision: pad, strided slices, cat
-    *LEAF_FUNCTIONS,  # library pads traced as one call (timm's TF 'same' padding, lrp.tracing)
 }
 MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
@@ -525,6 +523,10 @@ class _Builder:
         # activations run inside the next layer (``fuse_input_activations``): kept at their paths
         self.fused: dict[str, nn.Module] = {}
         self.counter = 0
+        # library pads traced as one call (timm's TF 'same' padding, lrp.tracing) move relevance
+        # as their gradient does
+        self.pads = library_pads()
+        self.gradient_functions = GRADIENT_FUNCTIONS | set(self.pads)
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         if not placeholders:
             raise InvalidInputError(f"{type(root).__name__}.forward takes no input")
@@ -676,6 +678,8 @@ class _Builder:
         self.check_output()
         self.mark_signs()
         self.fuse_input_activations()
+        self.recompute_normalised_inputs()
+        self.derive_merge_terms()
         self.mark_inplace_relus()
         self.add_probes()
         self.retarget_attributes()
@@ -886,9 +890,9 @@ class _Builder:
             return tuple(m.padding)
         if node.op != "call_function" or self.reads_input((node.args[1:], node.kwargs)):
             return None
-        if node.target in LIBRARY_PADS:
+        if node.target in self.pads:
             args, kwargs = self.constant((node.args[1:], node.kwargs))
-            return LIBRARY_PADS[node.target](None, *args, **kwargs)
+            return self.pads[node.target](None, *args, **kwargs)
         if node.target is not F.pad:
             return None
         k = _call_kwargs(F.pad, (None, *node.args[1:]), dict(node.kwargs)) or {}
@@ -1196,7 +1200,7 @@ class _Builder:
         out = next(n for n in self.graph.nodes if n.op == "output").args[0]
         while isinstance(out, fx.Node) and out is not node and out.args and (
             (out.op == "call_method" and _method(out) in GRADIENT_METHODS)
-            or (out.op == "call_function" and out.target in GRADIENT_FUNCTIONS)
+            or (out.op == "call_function" and out.target in self.gradient_functions)
         ):
             out = out.args[0]
         return out is node
@@ -1227,7 +1231,7 @@ class _Builder:
                 return self.to_window_attention(node)
             if fn in CONCAT_FUNCTIONS:
                 self.tap_constants(node)
-            if fn in GRADIENT_FUNCTIONS:
+            if fn in self.gradient_functions:
                 if node is self.stem_pool:
                     return self.to_module_rule(node, fn, self.s.composite.stem_pool)
                 if (fn in DROPOUT_FUNCTIONS or fn is stochastic_depth) and _training_flag(node):
@@ -1399,7 +1403,7 @@ class _Builder:
             if kind == ("attention", attention.softmax):  # a softmax the graph pass rewrote
                 return True
             reshaping = (kind[0] == "method" and kind[1] in GRADIENT_METHODS) or (
-                kind[0] == "function" and kind[1] in GRADIENT_FUNCTIONS | INTERPOLATE_FUNCTIONS
+                kind[0] == "function" and kind[1] in self.gradient_functions | INTERPOLATE_FUNCTIONS
             ) or (kind[0] == "module" and issubclass(kind[1], (nn.Upsample, *GRADIENT_MODULES)))
             if not reshaping or not isinstance(node.args[0], fx.Node):
                 return False
@@ -1491,7 +1495,7 @@ class _Builder:
                     value = first
                 elif node.target is uniform_product:
                     value = all(nonneg.get(a, False) for a in node.args)
-                elif node.target in GRADIENT_FUNCTIONS:
+                elif node.target in self.gradient_functions:
                     value = bool(args) and all(nonneg.get(a, False) for a in args)
             elif node.op == "call_method" and _method(node) in GRADIENT_METHODS:
                 value = first
@@ -1537,6 +1541,50 @@ class _Builder:
                 gone.replace_all_uses_with(first_node)
                 self.graph.erase_node(gone)
                 self.replaced[gone] = first_node
+
+    def recompute_normalised_inputs(self) -> None:
+        """LayerNorm -> Linear (ConvNeXt's and a transformer's MLP): the Linear keeps the
+        LayerNorm's input, which the LayerNorm's rule keeps anyway, and recomputes the LayerNorm's
+        output from it in the backward: one block-wide tensor less per block for one LayerNorm
+        pass. Only where the Linear (called once) is the LayerNorm's only reader."""
+        calls = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
+        for node in self.graph.nodes:
+            layer = self.module(node) if node.op == "call_module" else None
+            if not (isinstance(layer, LinearRuleLayer) and calls[str(node.target)] == 1
+                    and layer.input_fn is None and len(node.args) == 1 and not node.kwargs):
+                continue
+            norm_node = node.args[0]
+            norm = self.module(norm_node) if (
+                isinstance(norm_node, fx.Node) and norm_node.op == "call_module") else None
+            if not (isinstance(norm, ModuleRuleLayer) and isinstance(norm.rule, LayerNormRule)
+                    and not norm.rule.uses_output and calls[str(norm_node.target)] == 1
+                    and len(norm_node.args) == 1 and not norm_node.kwargs
+                    and self.value_users(norm_node) == 1):
+                continue
+            layer.source_fn = norm.module.__call__  # a bound method: not registered twice
+            node.args = (norm_node, norm_node.args[0])
+
+    def derive_merge_terms(self) -> None:
+        """A merge whose output a rule keeps anyway (the next block's first layer: ConvNeXt,
+        the next LayerNorm: a transformer) and whose other terms are identity skips keeps its
+        output instead of its branch term, and derives that term in the backward
+        (``ResidualMerge.derived``): the branch term need not outlive the forward."""
+        for node in self.graph.nodes:
+            merge = self.module(node) if node.op == "call_module" else None
+            if not (isinstance(merge, ResidualMerge) and recompute_shares(merge)
+                    and merge.identity.count(False) == 1):
+                continue
+            if any(self.keeps_input(user, node) for user in node.users):
+                merge.derived = merge.identity.index(False)
+
+    def keeps_input(self, node: fx.Node, x: fx.Node) -> bool:
+        """Whether ``node`` is a layer whose Function saves its first input ``x`` unchanged."""
+        if node.op != "call_module" or not node.args or node.args[0] is not x:
+            return False
+        m = self.module(node)
+        if isinstance(m, LinearRuleLayer):
+            return m.source_fn is None
+        return isinstance(m, ModuleRuleLayer) and type(m.rule) is not Pass
 
     def pass_activation(self, node: Any) -> Callable[[Tensor], Tensor] | None:
         """The function of an element-wise activation with the pass rule at ``node``, or None."""
@@ -1596,8 +1644,10 @@ def _is_stem_pool(kernel: Any, stride: Any, padding: Any, dilation: Any) -> bool
 
 def _private_output(module: nn.Module) -> bool:
     """Whether a module's output tensor is new and kept by no autograd node of the engine."""
-    if isinstance(module, LinearRuleLayer | ResidualMerge):
-        return True  # their Functions save inputs and ratios, never their outputs
+    if isinstance(module, ResidualMerge):
+        return module.derived is None  # else its Function keeps its output
+    if isinstance(module, LinearRuleLayer):
+        return True  # its Function saves inputs, never its outputs
     if not isinstance(module, ModuleRuleLayer):
         return False
     # a stand-alone BatchNorm (DenseNet) makes a new tensor; its rule keeps only the input

@@ -82,8 +82,12 @@ class ModuleRuleLayer(nn.Module):
 
 class _LinearRuleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, layer: LinearRuleLayer) -> Tensor:
-        kept = x  # with an input activation: its input, which the layer before keeps anyway
+    def forward(
+        ctx: Any, x: Tensor, layer: LinearRuleLayer, source: Tensor | None = None
+    ) -> Tensor:
+        # with an input activation: its input, which the layer before keeps anyway; with a
+        # ``source`` (the input of the LayerNorm that made x): that, from which x is recomputed
+        kept = x if source is None else source
         if layer.input_fn is not None:
             x = layer.input_fn(x)
         # the folded weight is made once per pass: it gives the output (bias fused into the
@@ -103,11 +107,13 @@ class _LinearRuleFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None, None]:
         x, *rest = ctx.saved_tensors
         layer = ctx.layer
         if layer.input_fn is not None:  # the activation again, from its kept input
             x = layer.input_fn(x)
+        elif layer.source_fn is not None:  # the LayerNorm again, from its kept input
+            x = layer.source_fn(x)
         saved = rest
         if any(ctx.keep):
             output = ctx.output
@@ -116,7 +122,7 @@ class _LinearRuleFunction(torch.autograd.Function):
                 output = layer.op(x, layer.folded_weight(), layer.bias)
             it = iter(rest)
             saved = [output if k else next(it) for k in ctx.keep]
-        return layer.rule.backward(layer, layer.rule_params(), x, saved, relevance), None
+        return layer.rule.backward(layer, layer.rule_params(), x, saved, relevance), None, None
 
 
 class LinearRuleLayer(nn.Module):
@@ -157,6 +163,10 @@ class LinearRuleLayer(nn.Module):
         # input instead of keeping its output, and returns the relevance at its output as the
         # relevance at its input (the pass rule)
         self.input_fn: Callable[[Tensor], Tensor] | None = None
+        # set by the explainer (``_Builder.recompute_normalised_inputs``): the LayerNorm whose
+        # output is this layer's input; the layer is then also given that LayerNorm's input
+        # (which the LayerNorm's rule keeps) and keeps it instead, recomputing x in the backward
+        self.source_fn: Callable[[Tensor], Tensor] | None = None
         # set by the explainer: the output is kept anyway (the next layer recomputes its input
         # activation from it), so a rule may keep it instead of recomputing it
         self.output_kept = False
@@ -165,8 +175,10 @@ class LinearRuleLayer(nn.Module):
         self._folded: Tensor | None = None
         self.cache: dict[Any, Tensor] = {}
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _LinearRuleFunction.apply(x, self)
+    def forward(self, x: Tensor, source: Tensor | None = None) -> Tensor:
+        if source is None or self.source_fn is None:
+            return _LinearRuleFunction.apply(x, self)
+        return _LinearRuleFunction.apply(x, self, source)
 
     def _scale_view(self, like: Tensor) -> Tensor:
         assert self.scale is not None

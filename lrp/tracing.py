@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import traceback
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -46,7 +47,14 @@ _ENGINE_DIR = os.path.dirname(__file__)
 _USER_CONTAINERS: list[type[nn.Module]] = []
 
 
-def _library_pads() -> dict[Any, Callable[..., SamePadding | None]]:
+def _timm_same(x: Any, kernel_size: Any, stride: Any, dilation: Any = (1, 1),
+               value: float = 0) -> SamePadding | None:
+    if value != 0:
+        return None
+    return SamePadding(*(tuple(int(v) for v in a) for a in (kernel_size, stride, dilation)))
+
+
+def library_pads() -> dict[Any, Callable[..., SamePadding | None]]:
     """Library padding helpers traced as one call: they compute the padding from the input's
     size with Python arithmetic that symbolic tracing cannot follow. Each maps to the
     :class:`SamePadding` it adds (None: not zeros); a pad moves relevance (its gradient), and
@@ -54,23 +62,12 @@ def _library_pads() -> dict[Any, Callable[..., SamePadding | None]]:
 
     - timm's ``pad_same(x, kernel_size, stride, dilation=(1, 1), value=0)``: TensorFlow 'SAME'
       padding of ``Conv2dSame``/``MaxPool2dSame``/``AvgPool2dSame`` (every ``tf_*`` model).
+
+    Only libraries already imported count (a timm model was built by an imported timm):
+    importing timm here would cost every process that imports the engine 34 MB and 0.4 s.
     """
-    try:
-        from timm.layers.padding import pad_same
-    except ImportError:  # timm is optional
-        return {}
-
-    def timm_same(x: Any, kernel_size: Any, stride: Any, dilation: Any = (1, 1),
-                  value: float = 0) -> SamePadding | None:
-        if value != 0:
-            return None
-        return SamePadding(*(tuple(int(v) for v in a) for a in (kernel_size, stride, dilation)))
-
-    return {pad_same: timm_same}
-
-
-LIBRARY_PADS = _library_pads()
-LEAF_FUNCTIONS: tuple[Any, ...] = tuple(LIBRARY_PADS)
+    pad_same = getattr(sys.modules.get("timm.layers.padding"), "pad_same", None)
+    return {} if pad_same is None else {pad_same: _timm_same}
 
 
 def register_container(cls: type[nn.Module]) -> type[nn.Module]:
@@ -161,11 +158,26 @@ class Traced:
 
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_paths: Collection[str], leaf_types: Collection[type] = ()) -> None:
-        super().__init__(autowrap_functions=LEAF_FUNCTIONS)
+        super().__init__(autowrap_functions=tuple(library_pads()))
         self.record_stack_traces = True
         self.leaf_paths = set(leaf_paths)
         self.leaf_types = set(leaf_types)
         self.outputs: list[tuple[str, fx.Node]] = []
+
+    def _filter_traceback_frames(
+        self, user_stack_summary: traceback.StackSummary
+    ) -> traceback.StackSummary:
+        """The user's frames from the first ``forward`` on, PyTorch's and the engine's left out.
+
+        fx's own filter asks ``symbolic_shapes.uninteresting_files()``, which imports PyTorch's
+        compiler stack (inductor, export, networkx: about 500 modules and 33 MB held by every
+        process that explains); ``source`` reads only the user's frames, so this keeps those.
+        """
+        frames = list(user_stack_summary)
+        first = next((i for i, f in enumerate(frames) if f.name == "forward"), len(frames))
+        return traceback.StackSummary.from_list(
+            [f for f in frames[first:] if not _internal(f.filename) and f.filename != "<string>"]
+        )
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths or _stock_forward(m) or (

@@ -81,13 +81,19 @@ class LayerNormRule(ModuleRule):
     (no per-layer division), which equals this rule with zero_bias and epsilon -> 0.
     """
 
+    # the output is recomputed from x (one multiply-add on the normalised input the rule makes
+    # anyway), so it is not kept: the layer after a LayerNorm may then recompute its input too
+    uses_output = False
+
     def __init__(self, epsilon: float = 1e-6, zero_bias: bool = False) -> None:
         if epsilon < 0:
             raise ValueError(f"{type(self).__name__}: epsilon must be >= 0, got {epsilon}")
         self.epsilon = float(epsilon)
         self.zero_bias = zero_bias
 
-    def relevance(self, module: nn.Module, x: Tensor, output: Tensor, relevance: Tensor) -> Tensor:
+    def relevance(
+        self, module: nn.Module, x: Tensor, output: Tensor | None, relevance: Tensor
+    ) -> Tensor:
         grouped, weight, bias, eps = _grouped(module, x)
         shape = grouped.shape
         wide = torch.promote_types(x.dtype, torch.float32)  # statistics as torch computes them
@@ -95,12 +101,15 @@ class LayerNormRule(ModuleRule):
         # the CPU than a var_mean over the group
         normalised, _, rstd = torch.native_layer_norm(grouped.to(wide), shape[-1:], None, None, eps)
         del grouped  # possibly a copy of x: not held through the rest of the rule
-        if self.zero_bias or bias is None:
+        with_bias = not (self.zero_bias or bias is None)
+        if output is not None and with_bias:
+            den = output
+        else:  # the output (with the bias) or its bias-free part, from the private normalised x
             den = normalised.to(x.dtype).view(x.shape)
             if weight is not None:
                 den = den * weight
-        else:
-            den = output
+            if with_bias:
+                den = den.add_(bias)
         del normalised
         # every tensor below is private to the rule: in place from here
         v = stabilize(den, self.epsilon)

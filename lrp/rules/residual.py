@@ -111,7 +111,7 @@ def _signed(terms: Sequence[Tensor], coefficients: Sequence[float]) -> list[Tens
     return [t if c == 1 else t * c for t, c in zip(terms, coefficients, strict=True)]
 
 
-def _recompute_shares(merge: ResidualMerge) -> bool:
+def recompute_shares(merge: ResidualMerge) -> bool:
     """Whether the backward recomputes the value-dependent shares from the terms (kept) instead
     of keeping the shares: where the terms cost no more to keep than the shares.
 
@@ -143,9 +143,17 @@ class _MergeFunction(torch.autograd.Function):
             out = out + t
         ctx.merge = merge
         ctx.shapes = [t.shape for t in terms]
-        ctx.recompute = _recompute_shares(merge)
+        ctx.recompute = recompute_shares(merge)
+        ctx.derived = None
         if ctx.recompute:
-            ctx.save_for_backward(*terms)
+            d = merge.derived
+            if d is not None and all(t.shape == out.shape for t in terms):
+                # keep the output (its reader keeps it anyway), not the branch term: that is
+                # the output minus the others in the backward (shares within rounding)
+                ctx.derived = d
+                ctx.save_for_backward(out, *(t for i, t in enumerate(terms) if i != d))
+            else:
+                ctx.save_for_backward(*terms)
             return out
         shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
         ctx.shares = (
@@ -158,8 +166,11 @@ class _MergeFunction(torch.autograd.Function):
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:
         merge = ctx.merge
         if ctx.recompute:  # the same ops on the same terms as in a forward-time computation
-            signed = _signed(ctx.saved_tensors, merge.coefficients)
-            shares = merge_shares(signed, merge.mode, merge.identity, merge.nonnegative)
+            terms, nonnegative = list(ctx.saved_tensors), merge.nonnegative
+            if ctx.derived is not None:
+                terms, nonnegative = _derive(merge, ctx.derived, terms)
+            signed = _signed(terms, merge.coefficients)
+            shares = merge_shares(signed, merge.mode, merge.identity, nonnegative)
         elif ctx.shares is None:
             shares = None
         else:
@@ -185,6 +196,23 @@ class _MergeFunction(torch.autograd.Function):
                     r.sub_(g)
                 grads[rest] = r
         return (None, *[_unbroadcast(g, s) for g, s in zip(grads, ctx.shapes, strict=True)])
+
+
+def _derive(
+    merge: ResidualMerge, d: int, saved: list[Tensor]
+) -> tuple[list[Tensor], tuple[bool, ...]]:
+    """The terms with term ``d`` recomputed as (out - sum_{i != d} c_i h_i) / c_d from the saved
+    output and other terms. Its |h_d| is then taken (a term >= 0 can come back as -0.0 or a
+    rounding below 0): the shares stay in [0, 1] and sum to 1."""
+    out, *others = saved
+    rest = out.clone()
+    for t, c in zip(others, (c for i, c in enumerate(merge.coefficients) if i != d), strict=True):
+        rest.add_(t, alpha=-c)
+    if merge.coefficients[d] != 1:
+        rest.div_(merge.coefficients[d])
+    others.insert(d, rest)
+    nonnegative = tuple(n and i != d for i, n in enumerate(merge.nonnegative))
+    return others, nonnegative
 
 
 def _unbroadcast(g: Tensor, shape: torch.Size) -> Tensor:
@@ -221,6 +249,11 @@ class ResidualMerge(nn.Module):
             raise ValueError("ResidualMerge needs two or more terms with one coefficient each")
         # set by the graph pass where a term provably is >= 0 (an identity skip after a ReLU)
         self.nonnegative = (False,) * len(self.identity)
+        # set by the graph pass where the output is kept anyway by the layer that reads it and
+        # every other term is an identity skip (kept by its branch's first layer): the index of
+        # the term the backward derives from the output instead of keeping it (ConvNeXt's
+        # layer-scale output), or None
+        self.derived: int | None = None
 
     @property
     def projection(self) -> bool:

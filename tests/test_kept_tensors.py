@@ -84,8 +84,7 @@ def test_linear_after_layernorm_keeps_the_norm_input() -> None:
     assert fc1.source_fn is not None
 
     norm_out = []
-    hook = prepared.get_submodule("norm").register_forward_hook(
-        lambda m, i, o: norm_out.append(o))
+    hook = prepared.get_submodule("norm").register_forward_hook(lambda m, i, o: norm_out.append(o))
     saved = saved_storages(lambda: explainer(x, output_relevance=r_out))
     hook.remove()
     assert norm_out and norm_out[0].untyped_storage().data_ptr() not in saved

@@ -1561,7 +1561,8 @@ class _Builder:
                     and len(norm_node.args) == 1 and not norm_node.kwargs
                     and self.value_users(norm_node) == 1):
                 continue
-            layer.source_fn = norm.module.__call__  # a bound method: not registered twice
+            # its forward, not __call__: hooks on the LayerNorm fire once per pass, not again
+            layer.source_fn = norm.module.forward
             node.args = (norm_node, norm_node.args[0])
 
     def derive_merge_terms(self) -> None:

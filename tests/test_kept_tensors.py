@@ -89,7 +89,12 @@ def test_linear_after_layernorm_keeps_the_norm_input() -> None:
     hook.remove()
     assert norm_out and norm_out[0].untyped_storage().data_ptr() not in saved
 
+    calls = []  # a user's hook on the LayerNorm fires once per call, not again in the backward
+    norm = prepared.get_submodule("norm").module  # the copy's LayerNorm (hooks are copied)
+    hook = norm.register_forward_hook(lambda m, i, o: calls.append(1))
     got = explainer(x, output_relevance=r_out).relevance
+    hook.remove()
+    assert len(calls) == 1
     expected = _norm_mlp_reference(model, x, r_out, 1e-3)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     fc1.source_fn = None  # the Linear keeps the LayerNorm's output again: the same relevance

@@ -1512,7 +1512,7 @@ class _Builder:
         Only where nothing else reads the tensors in between, each layer is called once and
         eval-mode dropouts or identities are all that separates the activation from the layer.
         """
-        calls = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
+        calls = self.call_counts()
         for node in list(self.graph.nodes):
             second = self.module(node) if node.op == "call_module" else None
             if not (isinstance(second, LinearRuleLayer) and calls[str(node.target)] == 1
@@ -1542,12 +1542,16 @@ class _Builder:
                 self.graph.erase_node(gone)
                 self.replaced[gone] = first_node
 
+    def call_counts(self) -> Counter[str]:
+        """How many nodes call each module target (a layer called twice keeps two inputs)."""
+        return Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
+
     def recompute_normalised_inputs(self) -> None:
         """LayerNorm -> Linear (ConvNeXt's and a transformer's MLP): the Linear keeps the
         LayerNorm's input, which the LayerNorm's rule keeps anyway, and recomputes the LayerNorm's
         output from it in the backward: one block-wide tensor less per block for one LayerNorm
         pass. Only where the Linear (called once) is the LayerNorm's only reader."""
-        calls = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
+        calls = self.call_counts()
         for node in self.graph.nodes:
             layer = self.module(node) if node.op == "call_module" else None
             if not (isinstance(layer, LinearRuleLayer) and calls[str(node.target)] == 1

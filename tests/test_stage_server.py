@@ -156,6 +156,62 @@ def test_a_stage_process_ends_like_a_normal_exit_minus_the_teardown() -> None:
     assert "python, unflushed" in lines and "from C, unflushed" in lines
 
 
+FINALIZERS = textwrap.dedent("""
+    import os, sys, tempfile, weakref
+    from flows.stages.forkserver import _disown_finalizers
+
+    class Owner:
+        pass
+
+    server_dir = tempfile.TemporaryDirectory()  # the server's: removed by a finalizer at exit
+    owner = Owner()
+    weakref.finalize(owner, print, "server finalizer ran", flush=True)
+    pid = os.fork()
+    if pid == 0:
+        _disown_finalizers()
+        child = Owner()
+        weakref.finalize(child, print, "child finalizer ran", flush=True)
+        sys.exit(0)  # a normal exit runs the live finalizers
+    os.waitpid(pid, 0)
+    print("server dir after the child exited:", os.path.isdir(server_dir.name), flush=True)
+""")
+
+
+def test_a_stage_runs_only_its_own_finalizers_at_exit() -> None:
+    """A forked stage leaves the server's ``weakref.finalize`` callbacks alone (a temporary
+    directory the server made survives the child's exit; torch's operator registrations are not
+    undone once per stage) and still runs the ones it created."""
+    out = subprocess.run(
+        [sys.executable, "-c", FINALIZERS],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "child finalizer ran" in lines
+    assert "server dir after the child exited: True" in lines
+    assert lines.count("server finalizer ran") == 1, lines  # in the server, not in the child
+
+
+def test_the_server_builds_deferred_models_before_forking() -> None:
+    """Prefect leaves its API models to build on first use, which every stage would repeat;
+    the server completes them once (``_warm``)."""
+    script = (
+        "from prefect.client.schemas.objects import FlowRun, State\n"
+        "from prefect.client.schemas.actions import FlowRunCreate\n"
+        "import flows.stages.cli\n"
+        "from flows.stages.forkserver import _warm\n"
+        "models = (FlowRun, State, FlowRunCreate)\n"
+        "print('before', [m.__pydantic_complete__ for m in models])\n"
+        "_warm()\n"
+        "print('after', [m.__pydantic_complete__ for m in models])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "after [True, True, True]" in out.stdout, out.stdout
+
+
 HEARTBEAT = "Started flow run heartbeat context"  # the flow engine's debug line
 SCRIPT = """
 import os, signal, sys

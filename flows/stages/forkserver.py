@@ -34,6 +34,7 @@ import socket
 import sys
 import threading
 import traceback
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -44,13 +45,13 @@ ENV = "LRP_STAGE_SERVER"
 HEARTBEATS_ENV = "LRP_FLOW_HEARTBEATS"
 PACKAGES = ("flows", "lrp")
 # what the stages import lazily (each child would repeat it): Prefect on a process's first flow
-# run; torch.fx's first graph trace (train, explain: 0.25-0.4 s, see _warm); the figures' Agg
-# backend (evaluate, report); MLflow's SQL store, its migrations, model logging and the git
-# lookup in report (1 s)
+# run; the figures' Agg backend (evaluate, report); MLflow's SQL store, its migrations, model
+# logging and the git lookup in report (1 s); tabulate, which torch._dynamo's exit handler
+# (registered when torchvision imports it) imports to format its table (40 ms per stage)
 WARM = ("prefect.engine", "prefect.flow_engine", "prefect.utilities.visualization",
-        "anyio._backends._asyncio", "torch.fx.experimental.symbolic_shapes",
-        "matplotlib.backends.backend_agg", "mlflow.store.tracking.sqlalchemy_store",
-        "sqlalchemy.dialects.sqlite", "alembic.command", "mlflow.pytorch", "mlflow.pyfunc", "git")
+        "anyio._backends._asyncio", "matplotlib.backends.backend_agg",
+        "mlflow.store.tracking.sqlalchemy_store", "sqlalchemy.dialects.sqlite", "alembic.command",
+        "mlflow.pytorch", "mlflow.pyfunc", "git", "tabulate")
 MODULE = "flows.stages.forkserver"  # what `python -m` runs (here __name__ is "__main__")
 CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep (libgomp's default: spin)
 
@@ -211,6 +212,7 @@ def _child(
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     os.setpgrp()
+    _disown_finalizers()
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -263,16 +265,34 @@ def _reap(_signum: int, _frame: object) -> None:
 
 
 def _warm() -> None:
-    """Import :data:`WARM` (what is missing is the stage's to report, not the server's) and fill
-    torch.fx's cache of files to leave out of traced-node tracebacks, whose first use imports
-    torch._dynamo, torch._inductor and torch.export. Imports only: nothing runs a kernel (a
-    fork must not inherit a started OpenMP pool) or starts a thread."""
+    """Import :data:`WARM` (what is missing is the stage's to report, not the server's) and
+    complete the pydantic models that were left to build on first use (Prefect defers 260 of
+    them: 25 ms in every stage's first flow run, 0.1 s once here). Nothing runs a kernel (a fork
+    must not inherit a started OpenMP pool) or starts a thread."""
     for name in WARM:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-    shapes = sys.modules.get("torch.fx.experimental.symbolic_shapes")
-    with contextlib.suppress(Exception):
-        shapes.uninteresting_files()  # type: ignore[union-attr]
+    from pydantic import BaseModel
+
+    todo = [BaseModel]
+    while todo:
+        for model in todo.pop().__subclasses__():
+            todo.append(model)
+            if not model.__dict__.get("__pydantic_complete__", True):
+                with contextlib.suppress(Exception):  # what cannot resolve stays deferred
+                    model.model_rebuild(raise_errors=False)
+
+
+def _disown_finalizers() -> None:
+    """Leave the server's ``weakref.finalize`` callbacks to the server: a child's exit runs only
+    the ones it created.
+
+    At exit every live finalizer runs. The inherited ones would act on the server's objects: undo
+    torch's operator registrations one by one (200 calls, 30 ms per stage) or delete a temporary
+    directory the server made. The stdlib keeps the live finalizers in ``finalize._registry``
+    (its only enumeration); ``atexit`` is their public switch."""
+    for finalizer in list(weakref.finalize._registry):  # type: ignore[attr-defined]
+        finalizer.atexit = False
 
 
 def serve(path: str) -> None:

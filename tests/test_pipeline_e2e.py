@@ -83,6 +83,23 @@ def test_only_changed_stages_rerun(repro: Path) -> None:
     assert not any(k.startswith(("train@", "explain@")) for k in status)
 
 
+def test_adding_a_model_keeps_the_others_trained(repro: Path) -> None:
+    """A new entry in model.architectures adds its stages; the models already trained stay."""
+    params_file = repro / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["model"]["architectures"].append("caffenet")
+        write_params(params_file, params)
+        status = json.loads(
+            run(["dvc", "status", "--json"], repro, env(repro)).strip().splitlines()[-1]
+        )
+    finally:
+        params_file.write_text(original)
+    assert {"train@caffenet", "explain@caffenet", "evaluate@caffenet"} <= set(status)
+    assert not any(k.endswith(("@small_resnet", "@lrn_cnn")) for k in status), status
+
+
 def test_mlflow_store(repro: Path) -> None:
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient

@@ -64,9 +64,10 @@ def train_task(ctx: Context, arch: str) -> dict[str, Any]:
                         image_size=p.data.image_size)
     check_explainable(ctx, model, tuple(train_ds[0]["image"].shape))
     shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]  # architecture edits
-    fp = fingerprint(
-        arch, shapes, p.model, p.train, p.data, p.runtime.subset, train_ds.fingerprint()
-    )
+    # this model's effective settings only: adding a model to model.architectures or changing
+    # another model's train.per_model entry keeps its resumable checkpoints
+    fp = fingerprint(arch, shapes, p.model.weights, p.model.checkpoint, p.train_for(arch), p.data,
+                     p.runtime.subset, train_ds.fingerprint())
     ckpt_root = ctx.layout.checkpoints(arch)
     if ckpt_root.is_dir():  # checkpoints from other settings would refuse to resume
         for old in ckpt_root.iterdir():

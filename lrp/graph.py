@@ -1533,9 +1533,11 @@ class _Builder:
                     and self.value_users(first_node) == 1 and isinstance(first.rule, Epsilon)
                     and first.rule.kept_source(first) == "recompute"):
                 continue
+            second.input_fn = second.input_recompute_fn = fn
             if cur.op == "call_module":  # the activation stays at its path in the copy
                 self.fused[str(cur.target)] = self.module(cur)
-            second.input_fn = fn
+                # recomputed through ``forward``: a hook on it fires once per pass, not twice
+                second.input_recompute_fn = self.module(cur).module.forward
             first.output_kept = True
             for gone in (*chain, cur):  # their outputs' relevance is the first layer's
                 gone.replace_all_uses_with(first_node)

@@ -110,8 +110,8 @@ class _LinearRuleFunction(torch.autograd.Function):
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None, None]:
         x, *rest = ctx.saved_tensors
         layer = ctx.layer
-        if layer.input_fn is not None:  # the activation again, from its kept input
-            x = layer.input_fn(x)
+        if layer.input_recompute_fn is not None:  # the activation again, from its kept input
+            x = layer.input_recompute_fn(x)
         elif layer.source_fn is not None:  # the LayerNorm again, from its kept input
             x = layer.source_fn(x)
         saved = rest
@@ -163,6 +163,7 @@ class LinearRuleLayer(nn.Module):
         # input instead of keeping its output, and returns the relevance at its output as the
         # relevance at its input (the pass rule)
         self.input_fn: Callable[[Tensor], Tensor] | None = None
+        self.input_recompute_fn: Callable[[Tensor], Tensor] | None = None  # the same, hook-free
         # set by the explainer (``_Builder.recompute_normalised_inputs``): the LayerNorm whose
         # output is this layer's input; the layer is then also given that LayerNorm's input
         # (which the LayerNorm's rule keeps) and keeps it instead, recomputing x in the backward

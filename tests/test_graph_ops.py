@@ -304,6 +304,11 @@ def test_mlp_activation_is_recomputed_inside_the_projection(functional: bool) ->
         # and the activation module stays at its path in the copy (not registered under fc2)
         names = dict(explainer.prepared_model().named_modules())
         assert isinstance(names["act.module"], nn.GELU) and "fc2.input_fn" not in names
+        calls = []  # a user's hook on it fires once per explanation, not again in the backward
+        hook = names["act.module"].register_forward_hook(lambda m, i, o: calls.append(1))
+        explainer(x)
+        hook.remove()
+        assert len(calls) == 1
     layers = {m.path: m for m in explainer.prepared_model().modules() if hasattr(m, "input_fn")}
     assert layers["fc2"].input_fn is not None and layers["fc1"].output_kept
     assert layers["fc1"].rule.kept_source(layers["fc1"]) == "output"

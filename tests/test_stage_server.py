@@ -56,6 +56,12 @@ def _stage(root: Path, e: dict[str, str], *args: str) -> subprocess.CompletedPro
     )
 
 
+def _python(script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -c script`` in the repository root, output captured."""
+    return subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def test_stage_runs_in_a_fork_with_the_callers_streams_and_status(served) -> None:
     root, e, _ = served
     out = _stage(root, e, "train")  # no --model: the stage's own error, exit 2
@@ -148,8 +154,7 @@ def test_a_stage_process_ends_like_a_normal_exit_minus_the_teardown() -> None:
         "sys.stdout.write('python, unflushed\\n')\n"
         "_exit(3)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = _python(script)
     assert out.returncode == 3, out.stderr
     lines = out.stdout.splitlines()
     assert lines.index("thread done") < lines.index("atexit ran")
@@ -181,11 +186,7 @@ def test_a_stage_runs_only_its_own_finalizers_at_exit() -> None:
     """A forked stage leaves the server's ``weakref.finalize`` callbacks alone (a temporary
     directory the server made survives the child's exit; torch's operator registrations are not
     undone once per stage) and still runs the ones it created."""
-    out = subprocess.run(
-        [sys.executable, "-c", FINALIZERS],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
-        check=False,
-    )
+    out = _python(FINALIZERS)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "child finalizer ran" in lines
@@ -206,8 +207,7 @@ def test_the_server_builds_deferred_models_before_forking() -> None:
         "_warm()\n"
         "print('after', [m.__pydantic_complete__ for m in models])\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, timeout=300, check=False)
+    out = _python(script, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "after [True, True, True]" in out.stdout, out.stdout
 

@@ -8,6 +8,7 @@ SQLite store, on a tiny configuration comparing the default methods.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,37 +67,31 @@ def test_dvc_status_clean_and_outputs(repro: Path) -> None:
     assert "<img" in page and "cdn" not in page.lower()  # viewable offline
 
 
-def test_only_changed_stages_rerun(repro: Path) -> None:
-    """Changing a metric setting invalidates evaluate (and report), not train or explain."""
+def _stale_after(repro: Path, edit: Callable[[dict], None]) -> set[str]:
+    """The stages `dvc status` lists after ``edit`` changes params.yaml (restored after)."""
     params_file = repro / "params.yaml"
     original = params_file.read_text()
     try:
         params = yaml.safe_load(original)
-        params["evaluate"]["steps"] = 6
+        edit(params)
         write_params(params_file, params)
-        status = json.loads(
-            run(["dvc", "status", "--json"], repro, env(repro)).strip().splitlines()[-1]
-        )
+        out = run(["dvc", "status", "--json"], repro, env(repro))
     finally:
         params_file.write_text(original)
-    assert {"evaluate@small_resnet", "evaluate@lrn_cnn"} <= set(status)
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+def test_only_changed_stages_rerun(repro: Path) -> None:
+    """Changing a metric setting invalidates evaluate (and report), not train or explain."""
+    status = _stale_after(repro, lambda p: p["evaluate"].update(steps=6))
+    assert {"evaluate@small_resnet", "evaluate@lrn_cnn"} <= status
     assert not any(k.startswith(("train@", "explain@")) for k in status)
 
 
 def test_adding_a_model_keeps_the_others_trained(repro: Path) -> None:
     """A new entry in model.architectures adds its stages; the models already trained stay."""
-    params_file = repro / "params.yaml"
-    original = params_file.read_text()
-    try:
-        params = yaml.safe_load(original)
-        params["model"]["architectures"].append("caffenet")
-        write_params(params_file, params)
-        status = json.loads(
-            run(["dvc", "status", "--json"], repro, env(repro)).strip().splitlines()[-1]
-        )
-    finally:
-        params_file.write_text(original)
-    assert {"train@caffenet", "explain@caffenet", "evaluate@caffenet"} <= set(status)
+    status = _stale_after(repro, lambda p: p["model"]["architectures"].append("caffenet"))
+    assert {"train@caffenet", "explain@caffenet", "evaluate@caffenet"} <= status
     assert not any(k.endswith(("@small_resnet", "@lrn_cnn")) for k in status), status
 
 

@@ -59,21 +59,21 @@ def train_task(ctx: Context, arch: str) -> dict[str, Any]:
     ckpt = resolve(p.model.checkpoint, ctx.base) if p.model.checkpoint else None
     # the initial weights too: unseeded, every run (and every fork of the stage server, which
     # share one RNG state) trained another initialisation (lrn_cnn has reached val 0.61 and 0.99)
-    torch.manual_seed(p.train_for(arch).seed)
+    t = p.train_for(arch)
+    torch.manual_seed(t.seed)
     model = build_model(arch, len(train_ds.classes), weights=p.model.weights, checkpoint=ckpt,
                         image_size=p.data.image_size)
     check_explainable(ctx, model, tuple(train_ds[0]["image"].shape))
     shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]  # architecture edits
     # this model's effective settings only: adding a model to model.architectures or changing
     # another model's train.per_model entry keeps its resumable checkpoints
-    fp = fingerprint(arch, shapes, p.model.weights, p.model.checkpoint, p.train_for(arch), p.data,
+    fp = fingerprint(arch, shapes, p.model.weights, p.model.checkpoint, t, p.data,
                      p.runtime.subset, train_ds.fingerprint())
     ckpt_root = ctx.layout.checkpoints(arch)
     if ckpt_root.is_dir():  # checkpoints from other settings would refuse to resume
         for old in ckpt_root.iterdir():
             if old.name != fp:
                 shutil.rmtree(old, ignore_errors=True)
-    t = p.train_for(arch)
     effective = {k: v for k, v in dataclasses.asdict(t).items() if k != "per_model"}
     beaten = {k: v for k, v in (p.train.per_model.get(arch) or {}).items()
               if getattr(p.train, k) != v}

@@ -1,0 +1,88 @@
+"""What z+'s empty-output fallback costs: the engine with ``empty="flat"`` (the default, which
+keeps z+ conservative at outputs with no positive contribution) against ``empty="drop"`` (the
+plain rule, Zennit's; a measurement only: it loses that relevance), and a plain input gradient.
+
+Each mode runs in its own process, alternating, ``--pairs`` times (on a shared VM the times of
+one process drift by tens of percent); per process the median of ``--repeat`` calls after one
+warm-up, batch 8 at 224 px, random weights.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_zplus_empty.py --model mobilenet_v3_large
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lrp
+
+import lrp
+from lrp.rules import AlphaBeta
+
+
+def _median_s(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def worker(model_name: str, empty: str, repeat: int, threads: int) -> dict[str, float]:
+    """One process: the gradient's and the engine's median seconds with ``empty``."""
+    torch.set_num_threads(threads)
+    model = getattr(torchvision.models, model_name)().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(8, 3, 224, 224)
+    target = torch.zeros(8, dtype=torch.long)
+
+    def gradient() -> None:
+        xx = x.clone().requires_grad_(True)
+        model(xx)[:, 0].sum().backward()
+
+    explainer = lrp.Explainer(model, "epsilon-plus-flat")
+    for module in explainer.prepared_model().modules():
+        rule = getattr(module, "rule", None)
+        if isinstance(rule, AlphaBeta):
+            rule.empty = empty
+    return {"gradient": _median_s(gradient, repeat),
+            "lrp": _median_s(lambda: explainer(x, target=target), repeat)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="mobilenet_v3_large")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--worker", choices=("flat", "drop"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.model, args.worker, args.repeat, args.threads)))
+        return
+    print(f"{args.model}, batch 8, 224 px, {args.threads} thread(s), median of {args.repeat}")
+    print("| empty | gradient s | engine s | x gradient |\n| --- | --- | --- | --- |")
+    for _ in range(args.pairs):
+        for empty in ("flat", "drop"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--model", args.model, "--repeat", str(args.repeat),
+                 "--threads", str(args.threads), "--worker", empty],
+                capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {empty} | {r['gradient']:.3f} | {r['lrp']:.3f} | "
+                  f"{r['lrp'] / r['gradient']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

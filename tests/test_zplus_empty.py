@@ -406,6 +406,34 @@ def test_sparse_flat_share_equals_the_dense_spread(padding, groups: int, monkeyp
     assert_close(linear_rules._add_flat(torch.zeros_like(x), sparse), dense)
 
 
+@pytest.mark.parametrize("form", ["mask", "indices"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_empty_outputs_without_relevance_share_nothing(form: str, sparse: bool, monkeypatch
+                                                       ) -> None:
+    """Behind a ReLU an empty output's relevance is 0 (its value is <= 0): the CPU path leaves
+    such outputs out and skips the spread when none is left; an empty output with relevance
+    still gets exactly its flat share, on the sparse and the dense path."""
+    monkeypatch.setattr(linear_rules, "SPARSE_FLAT_MAX_PAIRS", 1e9 if sparse else 0.0)
+    torch.manual_seed(7)
+    layer = LinearRuleLayer(nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4).to(F64),
+                            lrp.rules.ZPlus())
+    x = torch.randn(2, 4, 9, 9, dtype=F64)
+    empty = torch.rand(2, 4, 5, 5) < 0.3
+    relevance = torch.randn(2, 4, 5, 5, dtype=F64).masked_fill(empty, 0.0)
+
+    def given(mask: torch.Tensor) -> torch.Tensor:
+        return mask if form == "mask" else mask.flatten().nonzero().squeeze(1)
+
+    assert linear_rules._flat_fallback(layer, given(empty), relevance, x) is None
+    one = torch.zeros_like(empty)
+    one.view(-1)[empty.flatten().nonzero()[3]] = True
+    relevance[one] = 1.5
+    got = linear_rules._flat_fallback(layer, given(empty), relevance, x, scale=2.0)
+    assert isinstance(got, linear_rules._Scatter) is sparse
+    expected = linear_rules._flat_transpose(layer, torch.where(one, 3.0, 0.0).to(F64), x)
+    assert_close(linear_rules._add_flat(torch.zeros_like(x), got), expected)
+
+
 ACCELERATOR_CASES = [
     ("resnext", "otsuki2024", {}),
     ("resnext", "otsuki2024", {"stabilizer_share": "absorb"}),
@@ -430,14 +458,19 @@ def test_accelerator_path_gives_the_host_values(arch, composite, options, monkey
         model = randomize_statistics(torchvision.models.mobilenet_v3_small(num_classes=10), 0)
         model = model.to(F64).eval()
     x = torch.randn(2, 3, 64, 64, dtype=F64).clamp(-3, 3)
-    fallbacks = []
+    found = []
     real = linear_rules._flat_fallback
-    monkeypatch.setattr(linear_rules, "_flat_fallback",
-                        lambda *a, **k: fallbacks.append(r := real(*a, **k)) or r)
+
+    def fallback(layer, empty, *args, **kwargs):
+        found.append(empty is not None and bool(empty.any() if empty.dtype == torch.bool
+                                                else empty.numel()))
+        return real(layer, empty, *args, **kwargs)
+
+    monkeypatch.setattr(linear_rules, "_flat_fallback", fallback)
     host = lrp.Explainer(model, composite, **options)(x)
     # otsuki2024 spreads the stabiliser's share (no mask); the gamma rule has no empty outputs
     if "stabilizer_share" in options or composite not in ("otsuki2024", "epsilon-gamma-box"):
-        assert any(f is not None for f in fallbacks), "the case must have empty outputs"
+        assert any(found), "the case must have empty outputs"
     monkeypatch.setattr(linear_rules, "_host", lambda t: False)
     accelerator = lrp.Explainer(model, composite, **options)(x, target=host.target)
     assert torch.isfinite(host.relevance).all()

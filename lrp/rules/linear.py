@@ -234,25 +234,25 @@ def _flat_fallback(
     :func:`_add_flat`.
 
     ``empty``: a mask of the outputs, or on the CPU their flat indices; None: the caller proved
-    with a cheaper test that no output is empty. On the CPU, where the empty outputs are few (a
-    few thousand of millions, :data:`SPARSE_FLAT_MAX_PAIRS`), each one's share is added to its
-    own receptive field (:func:`_sparse_flat`); otherwise, and always on an accelerator (listing
-    them would wait for the device), the dense spread (a channel sum and a depthwise box filter
-    over every output) runs.
+    with a cheaper test that no output is empty. On the CPU an empty output whose relevance is
+    exactly 0 has nothing to share and is left out first: behind a ReLU every empty output is
+    such (its value is <= 0, so the layer above gives it no relevance), and the spread is then
+    skipped. Where the rest are few (a few thousand of millions, :data:`SPARSE_FLAT_MAX_PAIRS`),
+    each one's share is added to its own receptive field (:func:`_sparse_flat`); otherwise, and
+    always on an accelerator (listing them would wait for the device), the dense spread (a
+    channel sum and a depthwise box filter over every output) runs.
     """
     if empty is None:
         return None
     if _host(empty):
-        indices = empty.dtype != torch.bool
-        count = empty.numel() if indices else int(torch.count_nonzero(empty))
-        if count == 0:
+        where = empty if empty.dtype != torch.bool else empty.flatten().nonzero().squeeze(1)
+        where = where[relevance.flatten()[where] != 0]
+        if where.numel() == 0:
             return None
-        if _sparse_fits(layer, count, x):
-            where = empty if indices else empty.flatten().nonzero().squeeze(1)
+        if _sparse_fits(layer, where.numel(), x):
             return _sparse_flat(layer, where, relevance, x, scale)
-        if indices:
-            mask = torch.zeros(relevance.numel(), dtype=torch.bool, device=empty.device)
-            empty = mask.index_fill_(0, empty, True).view(relevance.shape)
+        mask = torch.zeros(relevance.numel(), dtype=torch.bool, device=empty.device)
+        empty = mask.index_fill_(0, where, True).view(relevance.shape)
     g = torch.where(empty, relevance * scale if scale != 1.0 else relevance, 0.0)
     return _flat_transpose(layer, g, x)
 

@@ -46,7 +46,13 @@ from torchvision.ops import stochastic_depth
 from .canonizers import BATCHNORM_TYPES, LINEAR_TYPES, batchnorm_affine, can_fold, materialize_fold
 from .composites import Composite
 from .errors import InvalidInputError, UnsupportedLayerError, UnsupportedOperationError
-from .layers import FunctionModule, FunctionRuleLayer, LinearRuleLayer, ModuleRuleLayer
+from .layers import (
+    INPLACE_ACTIVATIONS,
+    FunctionModule,
+    FunctionRuleLayer,
+    LinearRuleLayer,
+    ModuleRuleLayer,
+)
 from .ops import PrePadding, stock_linear_forward, with_pre_padding
 from .rules import attention
 from .rules.base import ModuleRule, Pass, Rule
@@ -680,7 +686,7 @@ class _Builder:
         self.fuse_input_activations()
         self.recompute_normalised_inputs()
         self.derive_merge_terms()
-        self.mark_inplace_relus()
+        self.mark_inplace_activations()
         self.add_probes()
         self.retarget_attributes()
         self.graph.lint()
@@ -1609,8 +1615,10 @@ class _Builder:
         rest, kwargs = tuple(node.args[1:]), dict(node.kwargs)
         return lambda x: fn(x, *rest, **kwargs)
 
-    def mark_inplace_relus(self) -> None:
-        """Let Pass-ReLUs overwrite their input where only they read it (one activation less)."""
+    def mark_inplace_activations(self) -> None:
+        """Let Pass activations with an in-place form (ReLU, SiLU, Hardswish, ...) overwrite
+        their input where only they read it: one activation-sized tensor less, and no new
+        allocation (on the CPU a fresh tensor of tens of MB costs page faults)."""
         candidates: dict[int, list[bool]] = {}
         modules: dict[int, ModuleRuleLayer] = {}
         for node in self.graph.nodes:
@@ -1618,7 +1626,7 @@ class _Builder:
                 continue
             m = self.module(node)
             if not (isinstance(m, ModuleRuleLayer) and type(m.rule) is Pass
-                    and type(m.module) is nn.ReLU):
+                    and type(m.module) in INPLACE_ACTIVATIONS):
                 continue
             prev = node.args[0]
             ok = (

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LRPError
@@ -37,6 +38,33 @@ class _ModuleRuleFunction(torch.autograd.Function):
             raise type(err)(f"at '{layer.path}': {err}") from err
 
 
+#: in-place forms of the stock element-wise activations (the same values, no new tensor); a
+#: subclass may compute something else and is run as itself
+INPLACE_ACTIVATIONS: dict[type[nn.Module], Callable[[Any, Tensor], Tensor]] = {
+    nn.ReLU: lambda m, x: torch.relu_(x),
+    nn.SiLU: lambda m, x: F.silu(x, inplace=True),
+    nn.Hardswish: lambda m, x: F.hardswish(x, inplace=True),
+    nn.Hardsigmoid: lambda m, x: F.hardsigmoid(x, inplace=True),
+    nn.ReLU6: lambda m, x: F.hardtanh(x, 0.0, 6.0, inplace=True),
+    nn.Hardtanh: lambda m, x: F.hardtanh(x, m.min_val, m.max_val, inplace=True),
+    nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope, inplace=True),
+    nn.ELU: lambda m, x: F.elu(x, m.alpha, inplace=True),
+    nn.CELU: lambda m, x: F.celu(x, m.alpha, inplace=True),
+    nn.SELU: lambda m, x: F.selu(x, inplace=True),
+    nn.Mish: lambda m, x: F.mish(x, inplace=True),
+    nn.Sigmoid: lambda m, x: torch.sigmoid_(x),
+    nn.Tanh: lambda m, x: torch.tanh_(x),
+}
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks (its own or global ones): a hooked
+    activation is called as itself, so that its hooks fire and see its input unchanged."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
 class _PassFunction(torch.autograd.Function):
     """Identity backward that keeps no tensors alive (cheaper than the module's own gradient)."""
 
@@ -44,9 +72,9 @@ class _PassFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, module: nn.Module, inplace: bool = False) -> Tensor:
         # only set where no one else holds x (see ModuleRuleLayer.inplace); a view (F.linear's
         # output on 3-d input, say) cannot be modified in place inside a Function
-        if inplace and x._base is None:
+        if inplace and x._base is None and not _hooked(module):
             ctx.mark_dirty(x)
-            return torch.relu_(x)
+            return INPLACE_ACTIVATIONS[type(module)](module, x)
         output = module(x)
         if output.shape != x.shape:
             raise ValueError(
@@ -68,7 +96,8 @@ class ModuleRuleLayer(nn.Module):
         self.module = module
         self.rule = rule
         self.path = path
-        # a ReLU whose input tensor nobody else keeps may work in place (set by the explainer)
+        # an activation whose input tensor nobody else keeps may work in place (set by the
+        # explainer, only for the types in INPLACE_ACTIVATIONS)
         self.inplace = False
 
     def forward(self, x: Tensor) -> Tensor:

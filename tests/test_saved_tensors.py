@@ -9,8 +9,10 @@ lrp.rules), and the saved tensors are counted with ``torch.autograd.graph.saved_
 
 from __future__ import annotations
 
+import copy
 import functools
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -111,3 +113,53 @@ def test_ratio_merge_saves_its_terms_not_new_shares() -> None:
     share = a.abs() / (a.abs() + b.abs())
     torch.testing.assert_close(ra, r * share, rtol=1e-14, atol=0)
     torch.testing.assert_close(ra + rb, r, rtol=1e-14, atol=0)
+
+
+ACTIVATIONS = [nn.ReLU(), nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid(), nn.ReLU6(),
+               nn.Hardtanh(-0.5, 0.7), nn.LeakyReLU(0.3), nn.ELU(0.6), nn.CELU(1.4), nn.SELU(),
+               nn.Mish(), nn.Sigmoid(), nn.Tanh()]
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda m: type(m).__name__)
+def test_activation_run_in_place_gives_the_same_relevance(act: nn.Module) -> None:
+    """A stock activation whose input only it reads runs in place (no new activation-sized
+    tensor); it must compute the module's own function, parameters included: the relevance
+    equals that of the same model with the activation as a subclass, which is not run in
+    place."""
+    from lrp.layers import INPLACE_ACTIVATIONS
+
+    assert type(act) in INPLACE_ACTIVATIONS
+    own = type("Own" + type(act).__name__, (type(act),), {})
+    twin = copy.copy(act)
+    twin.__class__ = own
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), act, nn.Conv2d(6, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 5)).to(F64).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    e = lrp.Explainer(model, "epsilon", epsilon=EPS)
+    got = e(x)
+    assert e.prepared_model().get_submodule("1").inplace
+    model[1] = twin
+    e_twin = lrp.Explainer(model, "epsilon", epsilon=EPS)
+    expected = e_twin(x, target=got.target)
+    torch.testing.assert_close(got.relevance, expected.relevance, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.SiLU()], ids=lambda m: type(m).__name__)
+def test_a_hooked_activation_runs_as_itself(act: nn.Module) -> None:
+    """A forward hook on an activation the engine would run in place fires once per
+    explanation and sees the activation's input unchanged (the module is called as itself)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), act, nn.Conv2d(4, 2, 3), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 3)).to(F64).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    expected = lrp.Explainer(model, "epsilon", epsilon=EPS)(x)
+    seen = []
+    model[1].register_forward_hook(lambda _m, i, o: seen.append((i[0].clone(), o.clone())))
+    got = lrp.Explainer(model, "epsilon", epsilon=EPS)(x, target=expected.target)
+    assert len(seen) == 1
+    pre = model[0](x)
+    torch.testing.assert_close(seen[0][0], pre, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][1], act(pre), rtol=0, atol=0)
+    torch.testing.assert_close(got.relevance, expected.relevance, rtol=1e-12, atol=0)

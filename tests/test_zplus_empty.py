@@ -406,6 +406,26 @@ def test_sparse_flat_share_equals_the_dense_spread(padding, groups: int, monkeyp
     assert_close(linear_rules._add_flat(torch.zeros_like(x), sparse), dense)
 
 
+@pytest.mark.parametrize("dims", [1, 3])
+def test_sparse_flat_share_in_one_and_three_dimensions(dims: int, monkeypatch) -> None:
+    """The output-by-output share equals the dense spread for 1-d and 3-d convolutions too
+    (strides, dilation and padding per dimension)."""
+    monkeypatch.setattr(linear_rules, "SPARSE_FLAT_MAX_PAIRS", 1e9)
+    torch.manual_seed(dims)
+    conv_type = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    stride, dilation, padding = (2, 1, 2)[:dims], (1, 2, 1)[:dims], (1, 2, 0)[:dims]
+    conv = conv_type(4, 6, 3, stride=stride, padding=padding, dilation=dilation,
+                     groups=2).to(F64)
+    layer = LinearRuleLayer(conv, lrp.rules.ZPlus())
+    x = torch.randn(2, 4, *(9, 8, 7)[:dims], dtype=F64)
+    relevance = torch.randn_like(conv(x))
+    empty = torch.rand(relevance.shape) < 0.2
+    dense = linear_rules._flat_transpose(layer, torch.where(empty, relevance, 0.0), x)
+    sparse = linear_rules._flat_fallback(layer, empty, relevance, x)
+    assert isinstance(sparse, linear_rules._Scatter)
+    assert_close(linear_rules._add_flat(torch.zeros_like(x), sparse), dense)
+
+
 @pytest.mark.parametrize("form", ["mask", "indices"])
 @pytest.mark.parametrize("sparse", [True, False])
 def test_empty_outputs_without_relevance_share_nothing(form: str, sparse: bool, monkeypatch

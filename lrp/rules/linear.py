@@ -253,8 +253,9 @@ def _flat_fallback(
             return None
         if _sparse_fits(layer, where.numel(), x):
             return _sparse_flat(layer, where, values * scale, tuple(relevance.shape), x)
-        mask = torch.zeros(relevance.numel(), dtype=torch.bool, device=empty.device)
-        empty = mask.index_fill_(0, where, True).view(relevance.shape)
+        if empty.dtype != torch.bool:  # a mask (the outputs left out share 0 through it too)
+            mask = torch.zeros(relevance.numel(), dtype=torch.bool, device=empty.device)
+            empty = mask.index_fill_(0, where, True).view(relevance.shape)
     g = torch.where(empty, relevance * scale if scale != 1.0 else relevance, 0.0)
     return _flat_transpose(layer, g, x)
 

@@ -4,7 +4,8 @@ plain rule, Zennit's; a measurement only: it loses that relevance), and a plain 
 
 Each mode runs in its own process, alternating, ``--pairs`` times (on a shared VM the times of
 one process drift by tens of percent); per process the median of ``--repeat`` calls after one
-warm-up, batch 8 at 224 px, random weights.
+warm-up. Model, batch, input size and gradient are ``bench_engine.py``'s (random weights,
+BatchNorm statistics from random inputs).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_zplus_empty.py --model mobilenet_v3_large
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
+from bench_engine import MODELS, _gradient, build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lrp
 
@@ -41,28 +42,22 @@ def _median_s(fn, repeat: int) -> float:
 def worker(model_name: str, empty: str, repeat: int, threads: int) -> dict[str, float]:
     """One process: the gradient's and the engine's median seconds with ``empty``."""
     torch.set_num_threads(threads)
-    model = getattr(torchvision.models, model_name)().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    x = torch.randn(8, 3, 224, 224)
-    target = torch.zeros(8, dtype=torch.long)
-
-    def gradient() -> None:
-        xx = x.clone().requires_grad_(True)
-        model(xx)[:, 0].sum().backward()
-
+    model = build_model(model_name, "cpu")
+    batch, size = MODELS[model_name]
+    x = torch.randn(batch, 3, size, size)
+    gradient = _gradient(model)
     explainer = lrp.Explainer(model, "epsilon-plus-flat")
     for module in explainer.prepared_model().modules():
         rule = getattr(module, "rule", None)
         if isinstance(rule, AlphaBeta):
             rule.empty = empty
-    return {"gradient": _median_s(gradient, repeat),
-            "lrp": _median_s(lambda: explainer(x, target=target), repeat)}
+    return {"gradient": _median_s(lambda: gradient(x), repeat),
+            "lrp": _median_s(lambda: explainer(x), repeat)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="mobilenet_v3_large")
+    parser.add_argument("--model", default="mobilenet_v3_large", choices=sorted(MODELS))
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -71,7 +66,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.model, args.worker, args.repeat, args.threads)))
         return
-    print(f"{args.model}, batch 8, 224 px, {args.threads} thread(s), median of {args.repeat}")
+    batch, size = MODELS[args.model]
+    print(f"{args.model}, batch {batch}, {size} px, {args.threads} thread(s), "
+          f"median of {args.repeat}")
     print("| empty | gradient s | engine s | x gradient |\n| --- | --- | --- | --- |")
     for _ in range(args.pairs):
         for empty in ("flat", "drop"):

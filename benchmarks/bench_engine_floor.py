@@ -14,9 +14,9 @@ BatchNorm, ``epsilon-plus-flat``, ``residual="splitting"``). Wall times: medians
 interleaved rounds (``bench_engine.interleave``). Linear-algebra seconds: medians of as many more
 calls of each method under a dispatch mode that clocks each such aten call; the mode's own cost
 falls outside the clocked calls, so "rest" is the wall time minus them. "MB faulted": memory
-first touched per call (minor page faults), which the gradient pays and the engine mostly does
-not on glibc: a large share of the gradient's wall time on a VM, and the reason its time moves
-with what ran before it in the process.
+first touched per call (minor page faults, several microseconds per 4 KiB on a VM). A method
+pays its faults in wall time, and how much it faults moves with what ran before it in the
+process: one reason the ratio moves from run to run.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_engine_floor.py --markdown
     python benchmarks/bench_engine_floor.py --models resnet50 efficientnet_b0 --target 1.5

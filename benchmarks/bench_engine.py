@@ -66,9 +66,8 @@ MODELS = {
     "convnext_tiny": (4, 224),
     "regnet_y_400mf": (8, 224),
 }
+DEFAULT_SHAPE = (8, 224)  # batch and input size of any other torchvision model
 ZENNIT_CANONIZED = ("resnet50", "vgg16")
-# models with residual merges: the engine's label names its residual mode
-MERGING = ("resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny", "regnet_y_400mf")
 ATTRIBUTION = ("inference", "gradient", "lrp", "zennit", "captum")
 METHODS = (*ATTRIBUTION, "insdel")
 LRP_METHODS = ("lrp", "zennit", "captum")
@@ -172,7 +171,8 @@ def build_model(name: str, device: str) -> nn.Module:
         model = caffenet()
     else:
         model = getattr(torchvision.models, name)(weights=None)
-    batchnorm_statistics(model, torch.randn(16, 3, *([MODELS[name][1]] * 2)))
+    size = MODELS.get(name, DEFAULT_SHAPE)[1]
+    batchnorm_statistics(model, torch.randn(16, 3, size, size))
     return model.eval().to(device).requires_grad_(False)
 
 
@@ -205,16 +205,18 @@ def _gradient(model: nn.Module) -> Run:
     return run
 
 
-def _engine(model: nn.Module, composite: str, residual: str) -> tuple[Run, float]:
-    """The explainer, and the seconds its preparation took (trace + prepared copy), which
-    happens once per explainer and is not part of the timed calls."""
+def _engine(model: nn.Module, composite: str, residual: str) -> tuple[Run, float, bool]:
+    """The explainer, the seconds its preparation took (trace + prepared copy), which happens
+    once per explainer and is not part of the timed calls, and whether the model has residual
+    merges (where ``residual`` applies)."""
     import lrp
 
     explainer = lrp.Explainer(model, composite, residual=residual)
     t0 = time.perf_counter()
-    explainer.prepared_model()
+    prepared = explainer.prepared_model()
     prepare_s = time.perf_counter() - t0
-    return (lambda x: explainer(x).relevance), prepare_s
+    merges = any(isinstance(m, lrp.rules.ResidualMerge) for m in prepared.modules())
+    return (lambda x: explainer(x).relevance), prepare_s, merges
 
 
 def _zennit(model: nn.Module, model_name: str) -> tuple[Run, str | None]:
@@ -294,8 +296,9 @@ def make_runner(
     raise ValueError(f"unknown method {method!r}")
 
 
-def label(method: str, model_name: str, args: argparse.Namespace) -> str:
-    residual = model_name in MERGING
+def label(method: str, model_name: str, args: argparse.Namespace, merges: bool = False) -> str:
+    """The row's method label; the engine's names its residual mode where the model merges."""
+    residual = merges
     canonizer = {"resnet50": ", ResNetCanonizer", "vgg16": ", VGGCanonizer"}.get(
         model_name, "" if model_name == "caffenet" else ", no canonizer"
     )
@@ -335,7 +338,9 @@ def _prepare_methods(
         results[method] = r
         try:
             if method == "lrp":  # built here to time its preparation
-                run, r.prepare_s = _engine(copy.deepcopy(model), args.composite, args.residual)
+                run, r.prepare_s, merges = _engine(
+                    copy.deepcopy(model), args.composite, args.residual)
+                r.label = label(method, model_name, args, merges)
             else:
                 run, r.note = make_runner(method, copy.deepcopy(model), model_name, target, args)
             out = run(x)
@@ -396,7 +401,7 @@ def time_model(args: argparse.Namespace, model_name: str) -> list[Result]:
 
 
 def _batch_size(args: argparse.Namespace, model_name: str) -> tuple[int, int]:
-    batch, size = MODELS.get(model_name, (8, 224))
+    batch, size = MODELS.get(model_name, DEFAULT_SHAPE)
     return args.batch or batch, args.size or size
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_engine import MODELS, _engine, _gradient, build_model, interleave, setup
+from bench_engine import DEFAULT_SHAPE, MODELS, _engine, _gradient, build_model, interleave, setup
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lrp
@@ -82,7 +82,7 @@ def linear_algebra(run: Any, x: torch.Tensor, repeat: int) -> tuple[float, int, 
 def measure(name: str, repeat: int) -> dict[str, dict[str, float]]:
     """Wall and linear-algebra seconds (and calls) of the gradient and the engine on ``name``."""
     model = build_model(name, "cpu")
-    batch, size = MODELS.get(name, (8, 224))
+    batch, size = MODELS.get(name, DEFAULT_SHAPE)
     x = torch.randn(batch, 3, size, size)
     runs = {"gradient": _gradient(model), "lrp": _engine(model, "epsilon-plus-flat", "splitting")[0]}
     walls = interleave({m: (lambda r=r: r(x)) for m, r in runs.items()}, repeat, 1, "cpu")

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -66,7 +66,6 @@ MODELS = {
     "convnext_tiny": (4, 224),
     "regnet_y_400mf": (8, 224),
 }
-DEFAULT_SHAPE = (8, 224)  # batch and input size of any other torchvision model
 ZENNIT_CANONIZED = ("resnet50", "vgg16")
 ATTRIBUTION = ("inference", "gradient", "lrp", "zennit", "captum")
 METHODS = (*ATTRIBUTION, "insdel")
@@ -156,6 +155,11 @@ def _device_name(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------- models and methods
+def model_shape(name: str) -> tuple[int, int]:
+    """Default batch and input size: ``MODELS``', else 8 at 224 px (any torchvision model)."""
+    return MODELS.get(name, (8, 224))
+
+
 def build_model(name: str, device: str) -> nn.Module:
     """Random weights (seed 0, nothing downloaded), eval mode, frozen parameters: the gradient
     baseline then computes only the input gradient, as LRP does.
@@ -171,7 +175,7 @@ def build_model(name: str, device: str) -> nn.Module:
         model = caffenet()
     else:
         model = getattr(torchvision.models, name)(weights=None)
-    size = MODELS.get(name, DEFAULT_SHAPE)[1]
+    size = model_shape(name)[1]
     batchnorm_statistics(model, torch.randn(16, 3, size, size))
     return model.eval().to(device).requires_grad_(False)
 
@@ -298,14 +302,13 @@ def make_runner(
 
 def label(method: str, model_name: str, args: argparse.Namespace, merges: bool = False) -> str:
     """The row's method label; the engine's names its residual mode where the model merges."""
-    residual = merges
     canonizer = {"resnet50": ", ResNetCanonizer", "vgg16": ", VGGCanonizer"}.get(
         model_name, "" if model_name == "caffenet" else ", no canonizer"
     )
     return {
         "inference": "inference",
         "gradient": "gradient",
-        "lrp": f"**this engine** ({args.composite}{', ' + args.residual if residual else ''})",
+        "lrp": f"**this engine** ({args.composite}{', ' + args.residual if merges else ''})",
         "zennit": f"Zennit (EpsilonPlusFlat{canonizer})",
         "captum": "Captum LRP (default epsilon rules)",
     }[method]
@@ -401,7 +404,7 @@ def time_model(args: argparse.Namespace, model_name: str) -> list[Result]:
 
 
 def _batch_size(args: argparse.Namespace, model_name: str) -> tuple[int, int]:
-    batch, size = MODELS.get(model_name, DEFAULT_SHAPE)
+    batch, size = model_shape(model_name)
     return args.batch or batch, args.size or size
 
 
@@ -594,12 +597,13 @@ def table_rows(results: list[Result], cuda: bool) -> tuple[list[list[str]], list
     return rows, notes
 
 
-def render(rows: list[list[str]], markdown: bool) -> str:
+def render(rows: list[list[str]], markdown: bool, columns: Sequence[str] = COLUMNS) -> str:
+    """A Markdown table, or plain text with the first two columns left-aligned."""
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+        lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
-    plain = [[c.replace("**", "") for c in row] for row in [list(COLUMNS), *rows]]
-    widths = [max(len(row[i]) for row in plain) for i in range(len(COLUMNS))]
+    plain = [[c.replace("**", "") for c in row] for row in [list(columns), *rows]]
+    widths = [max(len(row[i]) for row in plain) for i in range(len(columns))]
     return "\n".join(
         "  ".join(
             c.ljust(w) if i < 2 else c.rjust(w)

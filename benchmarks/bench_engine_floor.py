@@ -33,14 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_engine import DEFAULT_SHAPE, MODELS, _engine, _gradient, build_model, interleave, setup
+from bench_engine import (
+    _engine,
+    _gradient,
+    build_model,
+    interleave,
+    model_shape,
+    render,
+    setup,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lrp
 
 #: aten calls that are a layer's linear algebra (forward, transposes, weight-free matmuls)
 LINEAR_ALGEBRA = frozenset(
-    {"convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm", "linear"}
+    {"convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm"}
 )
 
 
@@ -82,7 +90,7 @@ def linear_algebra(run: Any, x: torch.Tensor, repeat: int) -> tuple[float, int, 
 def measure(name: str, repeat: int) -> dict[str, dict[str, float]]:
     """Wall and linear-algebra seconds (and calls) of the gradient and the engine on ``name``."""
     model = build_model(name, "cpu")
-    batch, size = MODELS.get(name, DEFAULT_SHAPE)
+    batch, size = model_shape(name)
     x = torch.randn(batch, 3, size, size)
     runs = {"gradient": _gradient(model), "lrp": _engine(model, "epsilon-plus-flat", "splitting")[0]}
     walls = interleave({m: (lambda r=r: r(x)) for m, r in runs.items()}, repeat, 1, "cpu")
@@ -107,15 +115,6 @@ def row(name: str, m: dict[str, dict[str, float]], target: float) -> list[str]:
     ]
 
 
-def render(rows: list[list[str]], markdown: bool) -> str:
-    """A Markdown table, or aligned plain text (first row: the header)."""
-    if markdown:
-        lines = ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join([lines[0], "|" + " --- |" * len(rows[0]), *lines[1:]])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,14 +127,15 @@ def main() -> None:
     args = p.parse_args()
     setup("cpu", args.threads, tf32=False)
     what = "s (lin. alg. s, calls, MB faulted)"
-    rows = [["model", f"gradient {what}", f"engine {what}",
-             "x grad", "floor: engine lin. alg. / gradient", "engine rest s",
-             f"rest budget at {args.target}x s"]]
+    columns = ["model", f"gradient {what}", f"engine {what}", "x grad",
+               "floor: engine lin. alg. / gradient", "engine rest s",
+               f"rest budget at {args.target}x s"]
+    rows = []
     for name in args.models:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         rows.append(row(name, measure(name, args.repeat), args.target))
     print(f"CPU, {args.threads} thread(s), median of {args.repeat} rounds")
-    print(render(rows, args.markdown))
+    print(render(rows, args.markdown, columns))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_engine import MODELS, _gradient, build_model
+from bench_engine import MODELS, _gradient, build_model, model_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lrp
 
@@ -43,7 +43,7 @@ def worker(model_name: str, empty: str, repeat: int, threads: int) -> dict[str, 
     """One process: the gradient's and the engine's median seconds with ``empty``."""
     torch.set_num_threads(threads)
     model = build_model(model_name, "cpu")
-    batch, size = MODELS[model_name]
+    batch, size = model_shape(model_name)
     x = torch.randn(batch, 3, size, size)
     gradient = _gradient(model)
     explainer = lrp.Explainer(model, "epsilon-plus-flat")
@@ -66,7 +66,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.model, args.worker, args.repeat, args.threads)))
         return
-    batch, size = MODELS[args.model]
+    batch, size = model_shape(args.model)
     print(f"{args.model}, batch {batch}, {size} px, {args.threads} thread(s), "
           f"median of {args.repeat}")
     print("| empty | gradient s | engine s | x gradient |\n| --- | --- | --- | --- |")

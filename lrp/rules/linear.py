@@ -237,10 +237,11 @@ def _flat_fallback(
     with a cheaper test that no output is empty. On the CPU an empty output whose relevance is
     exactly 0 has nothing to share and is left out first: behind a ReLU that is the usual case
     (with the bias in the rule an empty output's value is <= 0, so the layer above gives it no
-    relevance), and the spread is then skipped. Where the rest are few (:data:`SPARSE_FLAT_MAX_PAIRS`), each one's share is added
-    to its own receptive field (:func:`_sparse_flat`); otherwise, and always on an accelerator
-    (listing them would wait for the device), the dense spread (a channel sum and a depthwise
-    box filter over every output) runs.
+    relevance), and the spread is then skipped. Where the rest are few
+    (:data:`SPARSE_FLAT_MAX_PAIRS`), each one's share is added to its own receptive field
+    (:func:`_sparse_flat`); otherwise, and always on an accelerator (listing them would wait
+    for the device), the dense spread (a channel sum and a depthwise box filter over every
+    output) runs.
     """
     if empty is None:
         return None
